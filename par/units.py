@@ -1,0 +1,456 @@
+"""Every call PAR makes to systemd, through pystemd (Debian's 0.11).
+
+Agents run as transient units `par-agent@<agentAppId>.service`.  This module
+turns a `UnitSpec` into D-Bus properties, starts, stops, restarts and inspects
+units, lists them, and sums the resources of a unit's processes.  Nothing
+else in PAR imports pystemd.
+
+pystemd 0.11 maps property names to D-Bus signatures through a global table
+that lacks several properties PAR sets (`Restart`, `LogExtraFields`, start
+limits, newer sandboxing knobs).  Rather than mutating that table, this module
+keeps its own additions and builds the StartTransientUnit message itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from pystemd.dbuslib import DBus, apply_signature
+from pystemd.systemd1 import Manager, Unit
+from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES
+
+from par import ids
+from par.errors import ParError
+
+UNIT_PREFIX = "par-agent@"
+UNIT_SUFFIX = ".service"
+
+# Properties pystemd 0.11 does not know, with their D-Bus signatures
+# (checked against systemd 252's org.freedesktop.systemd1.Service interface).
+EXTRA_SIGNATURES: dict[bytes, bytes] = {
+    b"Restart": b"s",
+    b"RestartUSec": b"t",
+    b"LogExtraFields": b"aay",
+    b"StartLimitBurst": b"u",
+    b"StartLimitIntervalUSec": b"t",
+    b"ProtectKernelLogs": b"b",
+    b"ProtectClock": b"b",
+    b"ProtectHostname": b"b",
+    b"RestrictSUIDSGID": b"b",
+    b"RestrictNamespaces": b"t",
+    b"RestrictAddressFamilies": b"(bas)",
+    b"CapabilityBoundingSet": b"t",
+    b"AmbientCapabilities": b"t",
+    b"ProtectProc": b"s",
+    b"ProcSubset": b"s",
+    b"UMask": b"u",
+    b"OOMPolicy": b"s",
+    b"SystemCallErrorNumber": b"i",
+}
+SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
+
+ACTIVE_STATES_FINAL = ("active", "failed", "inactive")
+
+
+def unit_name(agent_id: str) -> str:
+    """`par-agent@<agent_id>.service`, after validating the id (no injection)."""
+    return f"{UNIT_PREFIX}{ids.agent_id(agent_id)}{UNIT_SUFFIX}"
+
+
+def agent_id_of(unit: str) -> str | None:
+    """The agent id in a `par-agent@<id>.service` name, or None for other units."""
+    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX):
+        return unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)]
+    return None
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Everything a transient agent unit is started with (pure data; see `properties`)."""
+
+    name: str
+    description: str
+    argv: list[str]
+    environment: dict[str, str] = field(default_factory=dict)
+    working_directory: str | None = None
+    notify: bool = True
+    timeout_start_s: float = 120
+    timeout_stop_s: float = 30
+    restart: str = "on-failure"
+    restart_sec: float = 1.0
+    start_limit_burst: int = 5
+    start_limit_interval_s: float = 60
+    restart_prevent_exit_status: tuple[int, ...] = ()
+    log_fields: dict[str, str] = field(default_factory=dict)
+    syslog_identifier: str | None = None
+    memory_max_bytes: int | None = None
+    cpu_quota: float | None = None  # 1.0 = one CPU
+    watchdog_s: float | None = None
+    # Sandboxing: None = run as root without it (only for PAR's own tests of units).
+    dynamic_user: str | None = None
+    state_directory: str | None = None
+    hide_paths: tuple[str, ...] = ()  # TemporaryFileSystem (read-only, empty) over these
+    read_only_binds: tuple[str, ...] = ()  # then bind these back, read-only
+    inaccessible_paths: tuple[str, ...] = ()
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def properties(spec: UnitSpec) -> dict[bytes, object]:
+    """The D-Bus property dict for StartTransientUnit (pure; tested without systemd)."""
+    p: dict[str, object] = {
+        "Description": spec.description,
+        "ExecStart": [(spec.argv[0], spec.argv, False)],
+        "Type": "notify" if spec.notify else "simple",
+        "TimeoutStartUSec": int(spec.timeout_start_s * 1_000_000),
+        "TimeoutStopUSec": int(spec.timeout_stop_s * 1_000_000),
+        # SIGTERM to the main process only, so the agent can shut its children
+        # down itself; whatever is left gets SIGKILL at the timeout.
+        "KillMode": "mixed",
+        "Restart": spec.restart,
+        "RestartUSec": int(spec.restart_sec * 1_000_000),
+        "StartLimitBurst": spec.start_limit_burst,
+        "StartLimitIntervalUSec": int(spec.start_limit_interval_s * 1_000_000),
+        "Environment": [f"{k}={v}" for k, v in sorted(spec.environment.items())],
+        "StandardOutput": "journal",
+        "StandardError": "journal",
+        # A failed agent stays visible (status, journal) until PAR resets it.
+        "CollectMode": "inactive",
+    }
+    if spec.notify:
+        p["NotifyAccess"] = "main"
+    if spec.working_directory:
+        p["WorkingDirectory"] = spec.working_directory
+    if spec.syslog_identifier:
+        p["SyslogIdentifier"] = spec.syslog_identifier
+    if spec.log_fields:
+        p["LogExtraFields"] = [f"{k}={v}".encode() for k, v in sorted(spec.log_fields.items())]
+    if spec.restart_prevent_exit_status:
+        p["RestartPreventExitStatus"] = (list(spec.restart_prevent_exit_status), [])
+    if spec.memory_max_bytes:
+        p["MemoryMax"] = spec.memory_max_bytes
+    if spec.cpu_quota:
+        p["CPUQuotaPerSecUSec"] = int(spec.cpu_quota * 1_000_000)
+    if spec.watchdog_s:
+        p["WatchdogUSec"] = int(spec.watchdog_s * 1_000_000)
+    if spec.dynamic_user:
+        p.update(_sandboxing(spec))
+    p.update(spec.extra)
+    return {k.encode(): v for k, v in p.items()}
+
+
+def _sandboxing(spec: UnitSpec) -> dict[str, object]:
+    """systemd hardening that keeps a normal Python agent (network, files in its state dir) working."""
+    p: dict[str, object] = {
+        "DynamicUser": True,
+        # Without User= every instance would share one dynamic user "par-agent".
+        "User": spec.dynamic_user,
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": True,
+        "PrivateDevices": True,
+        "PrivateUsers": True,
+        "NoNewPrivileges": True,
+        "ProtectKernelTunables": True,
+        "ProtectKernelModules": True,
+        "ProtectKernelLogs": True,
+        "ProtectControlGroups": True,
+        "ProtectClock": True,
+        "ProtectHostname": True,
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        "RestrictSUIDSGID": True,
+        "RestrictRealtime": True,
+        "RestrictNamespaces": 0,  # no namespace types allowed
+        "LockPersonality": True,
+        "RemoveIPC": True,
+        "CapabilityBoundingSet": 0,
+        "AmbientCapabilities": 0,
+        "RestrictAddressFamilies": (True, ["AF_UNIX", "AF_INET", "AF_INET6"]),
+        "SystemCallArchitectures": ["native"],
+        "SystemCallFilter": (True, ["@system-service"]),
+        "SystemCallErrorNumber": 1,  # EPERM instead of killing the agent
+        "DevicePolicy": "closed",
+        "UMask": 0o077,
+    }
+    if spec.state_directory:
+        p["StateDirectory"] = [spec.state_directory]
+    if spec.hide_paths:
+        p["TemporaryFileSystem"] = [(path, "ro") for path in spec.hide_paths]
+    if spec.read_only_binds:
+        p["BindReadOnlyPaths"] = [(path, path, False, 0) for path in spec.read_only_binds]
+    if spec.inaccessible_paths:
+        p["InaccessiblePaths"] = list(spec.inaccessible_paths)
+    return p
+
+
+def _signature_array(props: dict[bytes, object]) -> list:
+    """pystemd's signature_array, with PAR's table instead of the global one."""
+    args: list = [(ord(b"a"), b"(sv)")]
+    for name, value in props.items():
+        try:
+            signature = SIGNATURES[name]
+        except KeyError:
+            raise ParError(
+                "unit_property_unknown", f"unit property {name.decode()} has no known D-Bus signature"
+            ) from None
+        if callable(signature):
+            name, signature, value = signature(name, value)
+        args += [(ord(b"r"), b"sv"), (ord(b"s"), name), (ord(b"v"), signature)]
+        args += apply_signature(signature, [_to_bytes(value)])
+        args += [(-1, None), (-1, None)]
+    args += [(-1, None)]
+    return args
+
+
+def _to_bytes(value: object) -> object:
+    """Strings become bytes, recursively (pystemd's marshaller wants bytes)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return [_to_bytes(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_bytes(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    """A unit's state as systemd reports it."""
+
+    name: str
+    load_state: str
+    active_state: str
+    sub_state: str
+    main_pid: int
+    n_restarts: int
+    result: str
+    exec_main_status: int
+    since_usec: int  # state change timestamp, microseconds since the epoch (0 = never)
+    status_text: str
+
+    @property
+    def exists(self) -> bool:
+        return self.load_state not in ("not-found", "")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form for the API."""
+        return {
+            "unit": self.name,
+            "loadState": self.load_state,
+            "activeState": self.active_state,
+            "subState": self.sub_state,
+            "mainPid": self.main_pid,
+            "nRestarts": self.n_restarts,
+            "result": self.result,
+            "execMainStatus": self.exec_main_status,
+            "since": self.since_usec / 1_000_000 if self.since_usec else None,
+            "statusText": self.status_text,
+        }
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Summed resource use of a unit's processes."""
+
+    pids: tuple[int, ...]
+    rss_bytes: int
+    cpu_seconds: float
+
+
+class Systemd:
+    """A handle on the system manager; each call opens its own bus connection.
+
+    sd-bus connections are not thread-safe and `pard` serves requests from
+    several threads, so connections are short-lived (about a millisecond).
+    """
+
+    @contextmanager
+    def _manager(self) -> Iterator[Manager]:
+        with self._bus() as bus, Manager(bus=bus) as manager:
+            yield manager
+
+    @contextmanager
+    def _bus(self) -> Iterator[DBus]:
+        try:
+            with DBus() as bus:
+                yield bus
+        except ParError:
+            raise
+        except Exception as exc:  # pystemd raises DBusError subclasses and OSError
+            raise ParError("systemd_error", f"systemd call failed: {_dbus_message(exc)}", None, 500) from exc
+
+    def start(self, spec: UnitSpec) -> None:
+        """Start a transient unit for `spec`; a failed leftover of the same name is reset first.
+
+        Returns once systemd has queued the start job; use `wait_active` for readiness.
+        """
+        current = self.status(spec.name)
+        if current.active_state in ("active", "activating", "reloading", "deactivating"):
+            raise ParError("unit_exists", f"{spec.name} is already {current.active_state}", None, 409)
+        if current.exists:
+            # a failed or inactive unit keeps its name until it is reset
+            self.reset_failed(spec.name)
+        args = apply_signature(b"ss", [spec.name.encode(), b"fail"])
+        args += _signature_array(properties(spec))
+        args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]  # no auxiliary units
+        with self._bus() as bus:
+            bus.call_method(
+                b"org.freedesktop.systemd1",
+                b"/org/freedesktop/systemd1",
+                b"org.freedesktop.systemd1.Manager",
+                b"StartTransientUnit",
+                args,
+            )
+
+    def wait_active(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
+        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, or `timeout`.
+
+        A returned start job is not an active unit, hence the wait.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if st.active_state in ACTIVE_STATES_FINAL or time.monotonic() >= deadline:
+                return st
+            time.sleep(poll)
+
+    def wait_inactive(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
+        """Poll until the unit is inactive, failed or unloaded, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if st.active_state in ("inactive", "failed") or time.monotonic() >= deadline:
+                return st
+            time.sleep(poll)
+
+    def stop(self, name: str, wait_s: float | None = None) -> UnitStatus:
+        """Stop a unit (SIGTERM, then SIGKILL after its TimeoutStopSec); wait up to `wait_s`."""
+        st = self.status(name)
+        if st.active_state in ("inactive", "failed") or not st.exists:
+            return st
+        with self._manager() as manager:
+            manager.Manager.StopUnit(name.encode(), b"replace")
+        if wait_s is None:
+            return self.status(name)
+        return self.wait_inactive(name, wait_s)
+
+    def restart(self, name: str) -> None:
+        """Restart a loaded unit (its properties are kept by systemd)."""
+        with self._manager() as manager:
+            manager.Manager.RestartUnit(name.encode(), b"replace")
+
+    def reset_failed(self, name: str) -> None:
+        """Forget a failed unit's state so its name can be started again."""
+        try:
+            with self._manager() as manager:
+                manager.Manager.ResetFailedUnit(name.encode())
+        except ParError:
+            pass  # not loaded or not failed: nothing to reset
+
+    def kill(self, name: str, signal: int, who: str = "main") -> None:
+        """Send `signal` to the unit's main process (`who="main"`) or all of them ("all")."""
+        with self._manager() as manager:
+            manager.Manager.KillUnit(name.encode(), who.encode(), signal)
+
+    def status(self, name: str) -> UnitStatus:
+        """The unit's current state; a unit systemd does not know has load_state `not-found`."""
+        try:
+            with DBus() as bus:
+                unit = Unit(name.encode(), bus=bus, _autoload=True)
+                u, s = unit.Unit, unit.Service
+                return UnitStatus(
+                    name=name,
+                    load_state=_s(u.LoadState),
+                    active_state=_s(u.ActiveState),
+                    sub_state=_s(u.SubState),
+                    main_pid=int(s.MainPID),
+                    n_restarts=int(s.NRestarts),
+                    result=_s(s.Result),
+                    exec_main_status=int(s.ExecMainStatus),
+                    since_usec=int(u.StateChangeTimestamp),
+                    status_text=_s(s.StatusText),
+                )
+        except Exception as exc:
+            # Unknown or garbage-collected transient units have no object to read.
+            if "NoSuchUnit" in repr(exc) or "not loaded" in str(exc) or "UnknownObject" in repr(exc):
+                return UnitStatus(name, "not-found", "inactive", "dead", 0, 0, "", 0, 0, "")
+            raise ParError("systemd_error", f"cannot read {name}: {_dbus_message(exc)}", None, 500) from exc
+
+    def list_agent_units(self) -> list[str]:
+        """Names of every loaded `par-agent@*.service` unit."""
+        with self._manager() as manager:
+            units = manager.Manager.ListUnitsByPatterns([], [f"{UNIT_PREFIX}*{UNIT_SUFFIX}".encode()])
+        return sorted(_s(u[0]) for u in units)
+
+    def property(self, name: str, interface: str, prop: str) -> object:
+        """Read one property of a unit (e.g. ("Service", "ControlGroup"))."""
+        with DBus() as bus:
+            unit = Unit(name.encode(), bus=bus, _autoload=True)
+            return getattr(getattr(unit, interface), prop)
+
+    def resources(self, name: str) -> Resources:
+        """RSS and CPU time of all processes in the unit's cgroup (psutil)."""
+        pids = self._cgroup_pids(name)
+        rss = 0
+        cpu = 0.0
+        alive: list[int] = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    rss += proc.memory_info().rss
+                    t = proc.cpu_times()
+                    cpu += t.user + t.system
+                alive.append(pid)
+            except psutil.Error:
+                continue  # exited between the listing and the read
+        return Resources(tuple(alive), rss, round(cpu, 3))
+
+    def _cgroup_pids(self, name: str) -> list[int]:
+        cgroup = _s(self.property(name, "Service", "ControlGroup"))
+        if not cgroup:
+            return []
+        root = _cgroup2_root()
+        if root is not None:
+            procs = root / cgroup.lstrip("/") / "cgroup.procs"
+            try:
+                return [int(x) for x in procs.read_text().split()]
+            except OSError:
+                pass
+        main = self.status(name).main_pid
+        if not main:
+            return []
+        try:
+            proc = psutil.Process(main)
+            return [main] + [c.pid for c in proc.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+
+def _cgroup2_root() -> Path | None:
+    """Where the unified cgroup hierarchy is mounted (None when there is none)."""
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Path(parts[1])
+    except OSError:
+        pass
+    return None
+
+
+def _s(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dbus_message(exc: Exception) -> str:
+    text = str(exc)
+    for arg in getattr(exc, "args", ()):
+        if isinstance(arg, bytes):
+            text = arg.decode(errors="replace")
+    return text or exc.__class__.__name__
