@@ -29,12 +29,17 @@ class ConfigError(ParError):
         super().__init__("config_invalid", message, key, 400)
 
 
+def setting(default: object = dataclasses.MISSING, doc: str = "", *, factory=None):
+    """A config field with its one-line documentation (rendered into par.yaml)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class Paths:
-    # Agents' packages, extracted files, venvs and the store live below this.
-    state_dir: Path = Path("/var/lib/pixell-runtime")
-    # Shared pip/uv caches; keep it on the same filesystem as state_dir (hardlinks).
-    cache_dir: Path = Path("/var/cache/pixell-runtime")
+    state_dir: Path = setting(Path("/var/lib/pixell-runtime"), "Agents' packages, extracted files, venvs and the store live below this.")
+    cache_dir: Path = setting(Path("/var/cache/pixell-runtime"), "Shared pip/uv caches; keep it on the same filesystem as state_dir (hardlinks).")
 
     @property
     def packages(self) -> Path:
@@ -60,90 +65,58 @@ class Paths:
 
 @dataclass(frozen=True)
 class Listen:
-    # The local API socket (root only); parctl talks to it.
-    socket: Path = Path("/run/par/par.sock")
-    # Optional TCP address "HOST:PORT" for a control plane; null = no TCP listener.
-    tcp: str | None = None
-    # File holding the bearer token TCP clients must send; required when tcp is set.
-    token_file: Path = Path("/etc/par/token")
-    # Largest request body accepted, in bytes.
-    max_body_bytes: int = 1024 * 1024
+    socket: Path = setting(Path("/run/par/par.sock"), "The local API socket (root only); parctl talks to it.")
+    tcp: str | None = setting(None, "Optional TCP address \"HOST:PORT\" for a control plane; null = no TCP listener.")
+    token_file: Path = setting(Path("/etc/par/token"), "File holding the bearer token TCP clients must send; required when tcp is set.")
+    max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes.")
 
 
 @dataclass(frozen=True)
 class Installer:
-    # auto (uv when found, else pip), uv or pip.
-    kind: str = "auto"
-    # uv binary; null = state_dir/tools/uv, then PATH.
-    uv_path: Path | None = None
-    # Interpreter every venv is built from.
-    python: Path = Path("/usr/bin/python3")
-    # Package index; null = pip's/uv's default.
-    index_url: str | None = None
-    # Extra package indexes.
-    extra_index_urls: list[str] = field(default_factory=list)
-    # Local wheelhouses or find-links pages.
-    find_links: list[str] = field(default_factory=list)
-    # Never touch the network: install only from the cache and find_links.
-    offline: bool = False
-    # Seconds before a dependency install is killed.
-    timeout_s: int = 300
-    # Allow --index-url/--extra-index-url/--find-links/--trusted-host inside requirements.txt.
-    allow_index_options: bool = False
-    # Compile bytecode at build time (agents run with a read-only venv).
-    compile_bytecode: bool = True
+    kind: str = setting("auto", "auto (uv when found, else pip), uv or pip.")
+    uv_path: Path | None = setting(None, "uv binary; null = state_dir/tools/uv, then PATH.")
+    python: Path = setting(Path("/usr/bin/python3"), "Interpreter every venv is built from.")
+    index_url: str | None = setting(None, "Package index; null = pip's/uv's default.")
+    extra_index_urls: list[str] = setting(factory=list, doc="Extra package indexes.")
+    find_links: list[str] = setting(factory=list, doc="Local wheelhouses or find-links pages.")
+    offline: bool = setting(False, "Never touch the network: install only from the cache and find_links.")
+    timeout_s: int = setting(300, "Seconds before a dependency install is killed.")
+    allow_index_options: bool = setting(False, "Allow --index-url/--extra-index-url/--find-links/--trusted-host inside requirements.txt.")
+    compile_bytecode: bool = setting(True, "Compile bytecode at build time (agents run with a read-only venv).")
 
 
 @dataclass(frozen=True)
 class Limits:
-    # Largest package download, in bytes.
-    max_package_bytes: int = 100 * 1024 * 1024
-    # Most entries in one package archive.
-    max_entries: int = 10_000
-    # Largest total uncompressed size of one package, in bytes.
-    max_unpacked_bytes: int = 500 * 1024 * 1024
-    # Largest compression ratio of one archive entry (uncompressed / compressed).
-    max_ratio: int = 200
-    # Seconds to wait for a package server to accept the connection.
-    download_connect_timeout_s: float = 10.0
-    # Seconds a whole package download may take.
-    download_timeout_s: float = 300.0
+    max_package_bytes: int = setting(100 * 1024 * 1024, "Largest package download, in bytes.")
+    max_entries: int = setting(10_000, "Most entries in one package archive.")
+    max_unpacked_bytes: int = setting(500 * 1024 * 1024, "Largest total uncompressed size of one package, in bytes.")
+    max_ratio: int = setting(200, "Largest compression ratio of one archive entry (uncompressed / compressed).")
+    download_connect_timeout_s: float = setting(10.0, "Seconds to wait for a package server to accept the connection.")
+    download_timeout_s: float = setting(300.0, "Seconds a whole package download may take.")
 
 
 @dataclass(frozen=True)
 class Ports:
-    # Address agents' surfaces listen on.
-    bind_address: str = "127.0.0.1"
-    # Inclusive range REST ports are allocated from.
-    rest: list[int] = field(default_factory=lambda: [8100, 8999])
-    # Inclusive range A2A (gRPC) ports are allocated from.
-    a2a: list[int] = field(default_factory=lambda: [50100, 50999])
-    # Inclusive range UI ports are allocated from.
-    ui: list[int] = field(default_factory=lambda: [3100, 3999])
+    bind_address: str = setting("127.0.0.1", "Address agents' surfaces listen on.")
+    rest: list[int] = setting(factory=lambda: [8100, 8999], doc="Inclusive range REST ports are allocated from.")
+    a2a: list[int] = setting(factory=lambda: [50100, 50999], doc="Inclusive range A2A (gRPC) ports are allocated from.")
+    ui: list[int] = setting(factory=lambda: [3100, 3999], doc="Inclusive range UI ports are allocated from.")
 
 
 @dataclass(frozen=True)
 class Agents:
-    # Seconds an agent may take from start to READY.
-    boot_timeout_s: int = 120
-    # Seconds between SIGTERM and SIGKILL when an agent stops (per-deploy override).
-    stop_timeout_s: int = 30
-    # Seconds systemd waits before restarting a crashed agent.
-    restart_sec: float = 1.0
-    # Starts allowed within start_limit_interval_s before the unit stays failed.
-    start_limit_burst: int = 5
-    # Window, in seconds, for start_limit_burst.
-    start_limit_interval_s: int = 60
+    boot_timeout_s: int = setting(120, "Seconds an agent may take from start to READY.")
+    stop_timeout_s: int = setting(30, "Seconds between SIGTERM and SIGKILL when an agent stops (per-deploy override).")
+    restart_sec: float = setting(1.0, "Seconds systemd waits before restarting a crashed agent.")
+    start_limit_burst: int = setting(5, "Starts allowed within start_limit_interval_s before the unit stays failed.")
+    start_limit_interval_s: int = setting(60, "Window, in seconds, for start_limit_burst.")
 
 
 @dataclass(frozen=True)
 class Venvs:
-    # Most venvs kept; least recently used unused ones are evicted beyond it.
-    max_venvs: int = 100
-    # Most bytes all venvs may use (hardlinked files counted once).
-    max_bytes: int = 20 * 1024**3
-    # Free disk space to keep on the venvs' filesystem, in bytes.
-    min_free_bytes: int = 1024**3
+    max_venvs: int = setting(100, "Most venvs kept; least recently used unused ones are evicted beyond it.")
+    max_bytes: int = setting(20 * 1024**3, "Most bytes all venvs may use (hardlinked files counted once).")
+    min_free_bytes: int = setting(1024**3, "Free disk space to keep on the venvs' filesystem, in bytes.")
 
 
 @dataclass(frozen=True)
@@ -155,8 +128,7 @@ class Config:
     ports: Ports = field(default_factory=Ports)
     agents: Agents = field(default_factory=Agents)
     venvs: Venvs = field(default_factory=Venvs)
-    # Deploys run in parallel (different agents) by this many workers.
-    workers: int = 4
+    workers: int = setting(4, "Deploys run in parallel (different agents) by this many workers.")
 
 
 def _type_name(tp: object) -> str:
@@ -282,3 +254,43 @@ def with_state_dir(cfg: Config, state_dir: Path, cache_dir: Path | None = None) 
     """A copy of `cfg` rooted elsewhere (tests, benchmarks)."""
     paths = Paths(state_dir=state_dir, cache_dir=cache_dir or state_dir / "cache")
     return dataclasses.replace(cfg, paths=paths)
+
+
+SECTION_DOCS = {
+    "paths": "Where PAR keeps its files.",
+    "listen": "Where the API listens.",
+    "installer": "How venvs are built.",
+    "limits": "Limits on packages and downloads.",
+    "ports": "Ports agents' surfaces get.",
+    "agents": "How agents' units run.",
+    "venvs": "The venv budget (least recently used unused venvs are evicted beyond it).",
+}
+
+
+def _yaml_value(value: object) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")
+
+
+def render_yaml(cfg: Config | None = None) -> str:
+    """The configuration as commented YAML (the shipped etc/par/par.yaml is this for the defaults)."""
+    cfg = cfg or Config()
+    out = [
+        "# PAR configuration (/etc/par/par.yaml). Every key is optional; shown are the defaults.",
+        "# pard refuses to start on an unknown key or a value of the wrong type, and its",
+        "# journal names the key: journalctl -u par",
+    ]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out.append("")
+        if dataclasses.is_dataclass(value):
+            out.append(f"# {SECTION_DOCS.get(f.name, f.name)}")
+            out.append(f"{f.name}:")
+            for sub in dataclasses.fields(value):
+                out.append(f"  # {sub.metadata.get('doc', '')}")
+                out.append(f"  {sub.name}: {_yaml_value(getattr(value, sub.name))}")
+        else:
+            out.append(f"# {f.metadata.get('doc', '')}")
+            out.append(f"{f.name}: {_yaml_value(value)}")
+    return "\n".join(out) + "\n"

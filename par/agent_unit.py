@@ -1,0 +1,151 @@
+"""How an agent deployment becomes a `par-agent@<id>.service` UnitSpec (pure logic).
+
+The unit runs `<venv>/bin/python -m par_agent_host` with `PYTHONPATH` set to
+a folder holding only the host, so the agent's venv sees none of PAR's own
+dependencies.  The host reads the agent spec JSON written next to the
+extracted package (`par-agent.json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from par.config import Config
+from par.fsutil import atomic_write_text
+from par.units import UnitSpec, unit_name
+
+# The folder that goes on the agent's PYTHONPATH: it holds `par_agent_host` alone.
+HOST_DIR = Path(__file__).resolve().parent / "agent_host"
+SPEC_FILENAME = "par-agent.json"
+# The host's permanent failures (see par_agent_host/exitcodes.py): restarting
+# cannot fix them, so systemd must not burn the start limit on them.
+HOST_PERMANENT_EXIT = (2, 3, 4)
+EXIT_MEANING = {
+    2: "the agent spec or environment is malformed",
+    3: "the agent's code failed to import",
+    4: "an entry point names nothing callable, or the UI folder has no index.html",
+    5: "a surface could not listen or never answered",
+}
+
+
+@dataclass(frozen=True)
+class AgentLaunch:
+    """What the deployer knows when it starts an agent."""
+
+    agent_id: str
+    deployment_id: str
+    org_id: str
+    name: str
+    version: str
+    package_root: Path
+    venv_path: Path
+    ports: dict[str, int]
+    entrypoint: str
+    rest_entry: str | None
+    a2a_service: str | None
+    ui_path: str | None
+    env: dict[str, str]  # package .env + manifest environment + request env, merged
+    memory_mb: int | None = None
+    cpu_units: int | None = None
+    stop_timeout_s: int | None = None
+
+
+def dynamic_user_name(agent_id: str) -> str:
+    """A valid, unique user name (≤ 31 chars) per agent.
+
+    systemd gives every instance of `DynamicUser=` without `User=` the same
+    user, which would let agents read each other's files.
+    """
+    name = f"par-{agent_id}"
+    if len(name) <= 31:
+        return name
+    digest = hashlib.sha256(agent_id.encode()).hexdigest()[:8]
+    return f"par-{agent_id[:18]}-{digest}"
+
+
+def state_directory(agent_id: str) -> str:
+    """The agent's writable folder, relative to /var/lib (systemd StateDirectory=)."""
+    return f"par-agent/{agent_id}"
+
+
+def spec_path(package_root: Path) -> Path:
+    return package_root / SPEC_FILENAME
+
+
+def write_host_spec(launch: AgentLaunch) -> Path:
+    """Write the JSON spec the host reads (atomic; readable by the agent's user)."""
+    spec = {
+        "name": launch.name,
+        "version": launch.version,
+        "package_root": str(launch.package_root),
+        "entrypoint": launch.entrypoint,
+        "rest_entry": launch.rest_entry,
+        "a2a_service": launch.a2a_service,
+        "ui_path": launch.ui_path,
+        "stop_timeout_s": max(1.0, (launch.stop_timeout_s or 30) - 2),
+    }
+    path = spec_path(launch.package_root)
+    atomic_write_text(path, json.dumps(spec, indent=2) + "\n", mode=0o644)
+    return path
+
+
+def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
+    """The agent's environment: its own variables first, PAR's on top (they cannot be overridden)."""
+    env = dict(launch.env)
+    env.update(
+        {
+            "AGENT_APP_ID": launch.agent_id,
+            "DEPLOYMENT_ID": launch.deployment_id,
+            "ORG_ID": launch.org_id,
+            "REST_PORT": str(launch.ports["rest"]),
+            "A2A_PORT": str(launch.ports["a2a"]),
+            "UI_PORT": str(launch.ports["ui"]),
+            "AGENT_PACKAGE_PATH": str(launch.package_root),
+            "AGENT_VENV_PATH": str(launch.venv_path),
+            "BASE_PATH": f"/agents/{launch.agent_id}",
+            "MULTIPLEXED": "false",
+            "PAR_BIND_ADDRESS": cfg.ports.bind_address,
+            "PAR_AGENT_SPEC": str(spec_path(launch.package_root)),
+            "PYTHONPATH": str(HOST_DIR),
+            "PYTHONUNBUFFERED": "1",
+            # the venv is read-only to the agent; bytecode was compiled at build time
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": f"/var/lib/{state_directory(launch.agent_id)}",
+        }
+    )
+    return env
+
+
+def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
+    """The transient unit for `launch`, sandboxed per docs/security.md."""
+    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
+    state = cfg.paths.state_dir
+    return UnitSpec(
+        name=unit_name(launch.agent_id),
+        description=f"PAR agent {launch.name} {launch.version} (deployment {launch.deployment_id})",
+        argv=[str(launch.venv_path / "bin" / "python"), "-m", "par_agent_host"],
+        environment=environment(cfg, launch),
+        working_directory=str(launch.package_root),
+        notify=True,
+        timeout_start_s=cfg.agents.boot_timeout_s,
+        timeout_stop_s=stop_timeout,
+        restart="on-failure",
+        restart_sec=cfg.agents.restart_sec,
+        start_limit_burst=cfg.agents.start_limit_burst,
+        start_limit_interval_s=cfg.agents.start_limit_interval_s,
+        restart_prevent_exit_status=HOST_PERMANENT_EXIT,
+        log_fields={"PAR_AGENT_APP_ID": launch.agent_id, "PAR_DEPLOYMENT_ID": launch.deployment_id},
+        syslog_identifier=f"par-agent-{launch.agent_id}",
+        memory_max_bytes=launch.memory_mb * 1024 * 1024 if launch.memory_mb else None,
+        cpu_quota=launch.cpu_units / 1024 if launch.cpu_units else None,
+        dynamic_user=dynamic_user_name(launch.agent_id),
+        state_directory=state_directory(launch.agent_id),
+        # The agent sees PAR's state and cache as empty read-only folders, except
+        # its own package and venv, bound back read-only.
+        hide_paths=(str(state), str(cfg.paths.cache_dir)),
+        read_only_binds=(str(launch.package_root), str(launch.venv_path)),
+        inaccessible_paths=("/etc/par",),
+    )

@@ -1,0 +1,111 @@
+"""Pure logic of agent units: ids, names, properties, ports (no systemd needed)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from par import agent_unit, ids, ports
+from par.config import Config, Ports, with_state_dir
+from par.errors import ParError
+from par.units import SIGNATURES, UnitSpec, properties, unit_name
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "x.service", "a;b", "a" * 300, "", "ünï", "A b",
+                                 "a@b", "-a", "a\nb", "a\\b"])
+def test_injection_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ParError) as exc:
+        unit_name(bad)
+    assert exc.value.code == "invalid_id"
+    assert exc.value.field == "agentAppId"
+
+
+@pytest.mark.parametrize("good", ["hello", "hello-agent", "a1", "0abc", "x_y"])
+def test_valid_ids(good: str) -> None:
+    assert unit_name(good) == f"par-agent@{good}.service"
+    assert ids.agent_id(good) == good
+
+
+def test_non_string_id_is_refused() -> None:
+    with pytest.raises(ParError, match="must be a string"):
+        ids.deployment_id(12)
+
+
+def launch(tmp_path: Path, **kw) -> agent_unit.AgentLaunch:
+    base = dict(agent_id="hello", deployment_id="d-1", org_id="org", name="hello", version="1.0.0",
+                package_root=tmp_path / "extracted/hello@1.0.0", venv_path=tmp_path / "venvs/hello_abc1234",
+                ports={"rest": 8100, "a2a": 50100, "ui": 3100}, entrypoint="main:handler",
+                rest_entry=None, a2a_service=None, ui_path=None, env={"FOO": "bar", "REST_PORT": "1"})
+    base.update(kw)
+    return agent_unit.AgentLaunch(**base)
+
+
+def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
+    cfg = with_state_dir(Config(), tmp_path)
+    spec = agent_unit.unit_spec(cfg, launch(tmp_path, memory_mb=256, cpu_units=512, stop_timeout_s=7))
+    props = properties(spec)
+    for key in props:
+        assert key in SIGNATURES, key
+    assert props[b"Type"] == "notify"
+    assert props[b"KillMode"] == "mixed"
+    assert props[b"Restart"] == "on-failure"
+    assert props[b"TimeoutStopUSec"] == 7_000_000
+    assert props[b"MemoryMax"] == 256 * 1024 * 1024
+    assert props[b"CPUQuotaPerSecUSec"] == 500_000  # 512 units = half a CPU
+    assert props[b"DynamicUser"] is True and props[b"User"] == "par-hello"
+    assert props[b"StateDirectory"] == ["par-agent/hello"]
+    assert props[b"RestartPreventExitStatus"] == ([2, 3, 4], [])
+    assert props[b"ExecStart"][0][1][-2:] == ["-m", "par_agent_host"]
+    assert b"PAR_AGENT_APP_ID=hello" in props[b"LogExtraFields"]
+    env = dict(e.split("=", 1) for e in props[b"Environment"])
+    # PAR's variables win over the package's
+    assert env["REST_PORT"] == "8100" and env["FOO"] == "bar"
+    assert env["PYTHONPATH"] == str(agent_unit.HOST_DIR)
+    assert env["BASE_PATH"] == "/agents/hello"
+
+
+def test_host_dir_holds_only_the_host() -> None:
+    names = {p.name for p in agent_unit.HOST_DIR.iterdir() if p.name != "__pycache__"}
+    assert names == {"par_agent_host"}
+
+
+def test_dynamic_user_names_are_short_valid_and_unique() -> None:
+    a = agent_unit.dynamic_user_name("a" * 60)
+    b = agent_unit.dynamic_user_name("a" * 59 + "b")
+    assert len(a) <= 31 and len(b) <= 31 and a != b
+
+
+def test_unknown_property_is_a_clear_error() -> None:
+    from par.units import _signature_array
+    with pytest.raises(ParError, match="NoSuchProperty"):
+        _signature_array({b"NoSuchProperty": 1})
+
+
+def test_spec_without_sandbox_has_no_dynamic_user() -> None:
+    props = properties(UnitSpec(name="par-agent@x.service", description="x", argv=["/bin/true"]))
+    assert b"DynamicUser" not in props
+
+
+def test_ports_allocation_avoids_taken_and_busy() -> None:
+    cfg = Ports(rest=[20100, 20110], a2a=[20200, 20210], ui=[20300, 20310])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 20100))
+        busy.listen()
+        got = ports.allocate(cfg, requested={}, taken={20101})
+        assert got["rest"] == 20102
+        with pytest.raises(ParError) as exc:
+            ports.allocate(cfg, requested={"rest": 20100}, taken=set())
+        assert exc.value.code == "port_in_use" and exc.value.field == "surfaces.ports.rest"
+    with pytest.raises(ParError):
+        ports.allocate(cfg, requested={"ui": 20305}, taken={20305})
+
+
+def test_ports_inherit_and_exhaustion() -> None:
+    cfg = Ports(rest=[20400, 20400], a2a=[20500, 20501], ui=[20600, 20601])
+    got = ports.allocate(cfg, requested={}, taken=set(), inherit={"rest": 20400, "a2a": 20501, "ui": 20600})
+    assert got == {"rest": 20400, "a2a": 20501, "ui": 20600}
+    with pytest.raises(ParError) as exc:
+        ports.allocate(cfg, requested={}, taken={20400})
+    assert exc.value.code == "ports_exhausted"
