@@ -1,0 +1,334 @@
+"""fetch_package against a real HTTP server on 127.0.0.1 (stdlib, in a thread)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import socket
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from par.errors import ParError
+from par.fetch import discard_package, fetch_package, redact_url
+from par.log import JsonFormatter
+from tests.unit.apkg_factory import make_cfg, tree
+
+BODY = bytes(range(256)) * 400  # 100 KiB
+BODY_SHA = hashlib.sha256(BODY).hexdigest()
+OTHER = b"another package"
+OTHER_SHA = hashlib.sha256(OTHER).hexdigest()
+FAST = 0.01  # retry backoff in tests
+
+
+class Server:
+    """Answers by path; counts requests per path."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.body = BODY
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?")[0]
+                outer.hits[path] += 1
+                getattr(outer, "route_" + path.strip("/").replace("-", "_"),
+                        outer.route_missing)(self, outer.hits[path])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, status: int, body: bytes, length: int | None = None,
+             close: bool = False) -> None:
+        h.send_response(status)
+        h.send_header("Content-Length", str(len(body) if length is None else length))
+        if close:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(body)
+        h.wfile.flush()
+
+    def route_ok(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        self.send(h, 200, self.body)
+
+    def route_missing(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        self.send(h, 404, b"not here")
+
+    def route_flaky(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        if n == 1:
+            self.send(h, 503, b"busy")
+        else:
+            self.send(h, 200, self.body)
+
+    def route_down(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        self.send(h, 500, b"broken")
+
+    def route_stall(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(BODY)))
+        h.end_headers()
+        h.wfile.write(BODY[:1000])
+        h.wfile.flush()
+        time.sleep(3)
+
+    def route_drip(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(BODY)))
+        h.end_headers()
+        try:
+            for i in range(60):  # a byte every 50 ms: never idle, never done
+                h.wfile.write(BODY[i:i + 1])
+                h.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def route_big(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        self.send(h, 200, BODY)
+
+    def route_big_chunked(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        try:
+            for _ in range(20):
+                chunk = BODY[:10_000]
+                h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    def route_short(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        self.send(h, 200, BODY[:500], length=len(BODY), close=True)
+        h.close_connection = True
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.close()
+
+
+def fetch(cfg, url, sha=None, force=False, local=False, logger=None, version="1.0.0"):
+    return fetch_package(cfg, "demo", version, url, sha, force, local, logger, backoff_s=FAST)
+
+
+def refused(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
+    with pytest.raises(ParError) as info:
+        fetch(cfg, url, **kw)
+    assert (info.value.code, info.value.field) == (code, field), info.value
+    assert tree(cfg.paths.packages) == []  # no partial or temp file
+    return info.value
+
+
+def test_download_200(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    res = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
+    assert res.path == cfg.paths.packages / "demo@1.0.0.apkg"
+    assert (res.sha256, res.bytes, res.reused) == (BODY_SHA, len(BODY), False)
+    assert res.seconds >= 0
+    assert res.path.read_bytes() == BODY
+    assert stat.S_IMODE(res.path.stat().st_mode) == 0o644
+    assert tree(cfg.paths.packages) == ["demo@1.0.0.apkg"]
+
+
+def test_uppercase_sha_is_accepted(tmp_path: Path, server: Server) -> None:
+    assert fetch(make_cfg(tmp_path), server.url + "/ok", sha=BODY_SHA.upper()).sha256 == BODY_SHA
+
+
+def test_404_is_not_retried(tmp_path: Path, server: Server) -> None:
+    err = refused(make_cfg(tmp_path), server.url + "/missing", "package_download_failed")
+    assert "404" in err.message and err.status == 502
+    assert server.hits["/missing"] == 1
+
+
+def test_503_then_200_is_retried(tmp_path: Path, server: Server) -> None:
+    res = fetch(make_cfg(tmp_path), server.url + "/flaky", sha=BODY_SHA)
+    assert res.sha256 == BODY_SHA
+    assert server.hits["/flaky"] == 2
+
+
+def test_5xx_gives_up_after_three_attempts(tmp_path: Path, server: Server) -> None:
+    err = refused(make_cfg(tmp_path), server.url + "/down", "package_download_failed")
+    assert "3 attempts" in err.message and "500" in err.message
+    assert server.hits["/down"] == 3
+
+
+def test_connection_refused_is_retried(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    err = refused(make_cfg(tmp_path), f"http://127.0.0.1:{port}/x.apkg", "package_download_failed")
+    assert "3 attempts" in err.message
+
+
+def test_body_cut_short_is_retried_then_fails(tmp_path: Path, server: Server) -> None:
+    refused(make_cfg(tmp_path), server.url + "/short", "package_download_failed")
+    assert server.hits["/short"] == 3
+
+
+def test_stalled_body_hits_the_timeout(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path, download_timeout_s=0.5)
+    started = time.monotonic()
+    err = refused(cfg, server.url + "/stall", "package_download_timeout")
+    assert time.monotonic() - started < 2.5
+    assert err.status == 504
+    assert server.hits["/stall"] == 1
+
+
+def test_dripping_body_hits_the_total_timeout(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path, download_timeout_s=0.6)
+    started = time.monotonic()
+    refused(cfg, server.url + "/drip", "package_download_timeout")
+    assert time.monotonic() - started < 2.0
+
+
+def test_declared_body_past_the_cap(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path, max_package_bytes=50_000)
+    err = refused(cfg, server.url + "/big", "package_too_large")
+    assert "50000" in err.message and err.status == 413
+    assert server.hits["/big"] == 1
+
+
+def test_streamed_body_past_the_cap(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path, max_package_bytes=50_000)
+    refused(cfg, server.url + "/big-chunked", "package_too_large")
+    assert server.hits["/big-chunked"] == 1
+
+
+def test_sha_mismatch_names_both_digests(tmp_path: Path, server: Server) -> None:
+    err = refused(make_cfg(tmp_path), server.url + "/ok", "package_sha_mismatch",
+                  "packageSha256", sha=OTHER_SHA)
+    assert BODY_SHA in err.message and OTHER_SHA in err.message
+
+
+def test_cached_file_is_reused_without_a_request(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    first = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
+    again = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
+    no_sha = fetch(cfg, server.url + "/ok")
+    assert (again.reused, no_sha.reused) == (True, True)
+    assert again.path == first.path and again.sha256 == BODY_SHA and again.bytes == len(BODY)
+    assert server.hits["/ok"] == 1
+
+
+def test_cached_file_with_another_sha_is_downloaded_again(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok", sha=BODY_SHA)
+    server.body = OTHER
+    res = fetch(cfg, server.url + "/ok", sha=OTHER_SHA)
+    assert (res.reused, res.sha256) == (False, OTHER_SHA)
+    assert res.path.read_bytes() == OTHER
+    assert server.hits["/ok"] == 2
+
+
+def test_force_refresh_downloads_again(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok")
+    server.body = OTHER
+    res = fetch(cfg, server.url + "/ok", force=True)
+    assert (res.reused, res.sha256) == (False, OTHER_SHA)
+    assert server.hits["/ok"] == 2
+
+
+def test_failed_refresh_keeps_nothing_half_written(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok")
+    with pytest.raises(ParError):
+        fetch(cfg, server.url + "/down", force=True)
+    assert tree(cfg.paths.packages) == ["demo@1.0.0.apkg"]
+    assert (cfg.paths.packages / "demo@1.0.0.apkg").read_bytes() == BODY
+
+
+def test_signed_url_object(tmp_path: Path, server: Server) -> None:
+    res = fetch(make_cfg(tmp_path), {"signedUrl": server.url + "/ok?X-Amz-Signature=s3cr3t"})
+    assert res.sha256 == BODY_SHA
+
+
+@pytest.mark.parametrize("url", [{"url": "http://x"}, {"signedUrl": ""}, "", 42,
+                                 "ftp://example.com/a.apkg", "file://otherhost/a.apkg"])
+def test_bad_package_urls(tmp_path: Path, url: object) -> None:
+    refused(make_cfg(tmp_path), url, "package_url_invalid", local=True)
+
+
+def test_bad_sha(tmp_path: Path, server: Server) -> None:
+    refused(make_cfg(tmp_path), server.url + "/ok", "package_sha_invalid", "packageSha256",
+            sha="abc")
+    assert server.hits["/ok"] == 0
+
+
+def test_local_files_only_when_local(tmp_path: Path) -> None:
+    src = tmp_path / "my.apkg"
+    src.write_bytes(BODY)
+    cfg = make_cfg(tmp_path)
+    for url in (f"file://{src}", str(src)):
+        err = refused(cfg, url, "package_url_not_allowed", local=False)
+        assert "local socket" in err.message
+    res = fetch(cfg, f"file://{src}", local=True, sha=BODY_SHA)
+    assert (res.sha256, res.reused) == (BODY_SHA, False)
+    src.write_bytes(OTHER)  # a local source is copied again every time
+    res = fetch(cfg, str(src), local=True)
+    assert res.path.read_bytes() == OTHER and not res.reused
+
+
+def test_local_file_errors(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    refused(cfg, str(tmp_path / "nope.apkg"), "package_not_found", local=True)
+    refused(cfg, "relative/x.apkg", "package_url_invalid", local=True)
+    big = tmp_path / "big.apkg"
+    big.write_bytes(BODY)
+    refused(make_cfg(tmp_path, max_package_bytes=1000), str(big), "package_too_large", local=True)
+
+
+def test_bad_ids_are_refused(tmp_path: Path, server: Server) -> None:
+    with pytest.raises(ParError) as info:
+        fetch(make_cfg(tmp_path), server.url + "/ok", version="../../x")
+    assert (info.value.code, info.value.field) == ("invalid_id", "version")
+    assert server.hits["/ok"] == 0
+
+
+def test_logs_never_show_the_signed_query(tmp_path: Path, server: Server) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.fetch.redact")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fetch(make_cfg(tmp_path), {"signedUrl": server.url + "/flaky?sig=s3cr3t"}, logger=logger)
+    logged = stream.getvalue()
+    assert "Downloading package" in logged and "Package downloaded" in logged
+    assert "Package download failed" in logged  # the first 503
+    assert "s3cr3t" not in logged
+    assert redact_url("https://u:p@h.example:8443/a/b.apkg?sig=x#f") == \
+        "https://h.example:8443/a/b.apkg"
+
+
+def test_discard_package(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok")
+    discard_package(cfg, "demo", "1.0.0")
+    discard_package(cfg, "demo", "1.0.0")  # already gone: fine
+    assert tree(cfg.paths.packages) == []
