@@ -28,6 +28,11 @@ EXIT_MEANING = {
     3: "the agent's code failed to import",
     4: "an entry point names nothing callable, or the UI folder has no index.html",
     5: "a surface could not listen or never answered",
+    # systemd's own exit statuses (set up before the agent's code runs)
+    200: "systemd could not change to the working directory",
+    203: "systemd could not execute the venv's python",
+    217: "systemd could not set up the agent's dynamic user",
+    226: "systemd could not set up the agent's mount namespace",
 }
 
 
@@ -85,7 +90,6 @@ def write_host_spec(launch: AgentLaunch) -> Path:
         "rest_entry": launch.rest_entry,
         "a2a_service": launch.a2a_service,
         "ui_path": launch.ui_path,
-        "stop_timeout_s": max(1.0, (launch.stop_timeout_s or 30) - 2),
     }
     path = spec_path(launch.package_root)
     atomic_write_text(path, json.dumps(spec, indent=2) + "\n", mode=0o644)
@@ -94,6 +98,7 @@ def write_host_spec(launch: AgentLaunch) -> Path:
 
 def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
     """The agent's environment: its own variables first, PAR's on top (they cannot be overridden)."""
+    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
     env = dict(launch.env)
     env.update(
         {
@@ -114,6 +119,9 @@ def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
             # the venv is read-only to the agent; bytecode was compiled at build time
             "PYTHONDONTWRITEBYTECODE": "1",
             "HOME": f"/var/lib/{state_directory(launch.agent_id)}",
+            # the host drains before systemd's SIGKILL and gives up before its start timeout
+            "PAR_STOP_TIMEOUT": str(max(1, stop_timeout - 2)),
+            "PAR_READY_TIMEOUT": str(max(5, cfg.agents.boot_timeout_s - 5)),
         }
     )
     return env
@@ -147,5 +155,5 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         # its own package and venv, bound back read-only.
         hide_paths=(str(state), str(cfg.paths.cache_dir)),
         read_only_binds=(str(launch.package_root), str(launch.venv_path)),
-        inaccessible_paths=("/etc/par",),
+        inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
     )

@@ -319,3 +319,14 @@ def extract_package(cfg: Config, agent_id: str, version: str, apkg: Path,
             remove_tree(tmp)
             raise
     return final
+
+
+def cleanup_stale(cfg: Config) -> list[str]:
+    """Remove half-extracted and swapped-out folders a killed pard left behind (at start)."""
+    removed = []
+    folder = cfg.paths.extracted
+    if folder.is_dir():
+        for path in list(folder.glob(".*~*.tmp")) + list(folder.glob(".*~*.old")):
+            remove_tree(path)
+            removed.append(str(path))
+    return removed

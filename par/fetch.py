@@ -342,3 +342,14 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
         event(logger, "Package downloaded", url=source, path=str(dest), bytes=size,
               sha256=digest, seconds=seconds)
     return FetchResult(dest, digest, size, False, seconds)
+
+
+def cleanup_stale(cfg: Config) -> list[str]:
+    """Remove partial downloads a killed pard left behind (called once at start)."""
+    removed = []
+    folder = cfg.paths.packages
+    if folder.is_dir():
+        for path in folder.glob(".*~*.part"):
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed

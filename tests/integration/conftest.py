@@ -52,3 +52,19 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {predicate}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def pard():
+    """A pard (par.service from the source tree) for the whole test module."""
+    from .pard import Pard, new_root
+
+    p = Pard(new_root("pard"), config_extra={"listen": {"tcp": "127.0.0.1:18080"}})
+    p.root.mkdir(parents=True, exist_ok=True)
+    (p.root / "token").write_text("test-token-0123456789\n")
+    p.config_extra["listen"]["token_file"] = str(p.root / "token")
+    p.start()
+    try:
+        yield p
+    finally:
+        p.teardown()

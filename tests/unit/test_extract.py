@@ -275,3 +275,21 @@ def test_bad_ids_are_refused_before_any_path_is_built(tmp_path: Path, agent: str
 def test_package_path_is_a_folder(tmp_path: Path) -> None:
     (tmp_path / "dir.apkg").mkdir()
     refused(tmp_path, tmp_path / "dir.apkg", "package_unreadable")
+
+
+def test_cleanup_stale_removes_interrupted_extractions(tmp_path: Path) -> None:
+    from par.config import Config, with_state_dir
+    from par.extract import cleanup_stale
+    from par.fetch import cleanup_stale as cleanup_downloads
+
+    cfg = with_state_dir(Config(), tmp_path)
+    (cfg.paths.extracted / ".a@1.0~x1.tmp" / "src").mkdir(parents=True)
+    (cfg.paths.extracted / ".a@1.0~x2.old").mkdir()
+    (cfg.paths.extracted / "a@1.0").mkdir()
+    cfg.paths.packages.mkdir(parents=True)
+    (cfg.paths.packages / ".a@1.0.apkg~zz.part").write_bytes(b"half")
+    (cfg.paths.packages / "a@1.0.apkg").write_bytes(b"whole")
+    assert len(cleanup_stale(cfg)) == 2
+    assert len(cleanup_downloads(cfg)) == 1
+    assert sorted(p.name for p in cfg.paths.extracted.iterdir()) == ["a@1.0"]
+    assert sorted(p.name for p in cfg.paths.packages.iterdir()) == ["a@1.0.apkg"]

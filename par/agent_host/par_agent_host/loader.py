@@ -1,0 +1,89 @@
+"""Putting the package on sys.path and resolving `module:function` references.
+
+Every failure becomes a HostError with one line naming the reference, the
+module and the error, plus where it happened when that is in the agent's code,
+because that line is what `systemctl status` and the journal show.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exitcodes import EXIT_BAD_ENTRY, EXIT_IMPORT_ERROR, HostError
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """A `module:function` reference from the manifest; `what` names it in messages."""
+
+    what: str
+    module: str
+    attr: str
+
+    @classmethod
+    def parse(cls, what: str, ref: str, default_attr: str) -> EntryRef:
+        module, _, attr = ref.strip().partition(":")
+        attr = attr or default_attr
+        if not _MODULE.match(module) or not _NAME.match(attr):
+            raise HostError(EXIT_BAD_ENTRY, f"{what} {ref!r} is not 'module:function'")
+        return cls(what, module, attr)
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.attr}"
+
+
+def add_package_paths(package_root: Path) -> list[str]:
+    """Put package_root, then package_root/src, at the front of sys.path."""
+    paths = [str(package_root), str(package_root / "src")]
+    for path in reversed(paths):
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+    return paths
+
+
+def _where(exc: BaseException) -> str:
+    """' (at file:line)' for the innermost frame outside importlib, or ''."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {exc.filename}:{exc.lineno})"
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    # The first frame is this module's import_module call: not the agent's fault.
+    frames = [f for f in frames if f.filename != __file__]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def import_module(ref: EntryRef) -> Any:
+    try:
+        return importlib.import_module(ref.module)
+    except Exception as exc:  # any error raised by the agent's module body
+        raise HostError(
+            EXIT_IMPORT_ERROR,
+            f"cannot import {ref.what} module {ref.module!r} ({ref}): "
+            f"{type(exc).__name__}: {exc}{_where(exc)}",
+        ) from exc
+
+
+def load_callable(ref: EntryRef) -> Callable[..., Any]:
+    """Import `ref.module` and return its callable `ref.attr`."""
+    module = import_module(ref)
+    func = getattr(module, ref.attr, None)
+    if func is None:
+        raise HostError(
+            EXIT_BAD_ENTRY, f"{ref.what} {ref}: module {ref.module!r} has no {ref.attr!r}"
+        )
+    if not callable(func):
+        kind = type(func).__name__
+        raise HostError(EXIT_BAD_ENTRY, f"{ref.what} {ref}: {ref.attr!r} is a {kind}, not callable")
+    return func

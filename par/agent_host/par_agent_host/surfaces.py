@@ -1,0 +1,105 @@
+"""What every surface (REST, A2A, UI) offers the host, the shared health state and the probes.
+
+A surface is "up" only when a real client request gets an answer from outside
+its own code path: an HTTP GET for REST and UI, an HTTP/2 SETTINGS exchange
+for gRPC (a bound but not started gRPC server accepts TCP connections yet never
+answers, so a TCP connect alone would report it ready too early).
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+PROBE_TIMEOUT_S = 1.0
+# Client connection preface plus an empty SETTINGS frame (RFC 9113, section 3.4).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x4
+
+
+def probe_host(bind_address: str) -> str:
+    """Where to connect to reach a server bound to `bind_address`."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind_address, bind_address)
+
+
+def http_answers(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when GET `path` returns 200."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "par-agent-host-probe"})
+        response = conn.getresponse()
+        response.read()
+        return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def h2_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when the port speaks HTTP/2: our preface is answered with a SETTINGS frame."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                chunk = sock.recv(9 - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+            return header[3] == _H2_SETTINGS
+    except OSError:
+        return False
+
+
+class Surface(ABC):
+    """One listening surface. `start` binds (raising HostError), `stop` drains within a timeout."""
+
+    name: str
+    port: int
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def probe(self) -> bool:
+        """Does the surface answer a client right now?"""
+
+    @abstractmethod
+    def alive(self) -> bool:
+        """False once the surface's serving thread has ended without being asked to."""
+
+    @abstractmethod
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish within `timeout`, release the port."""
+
+
+@dataclass
+class Health:
+    """What /health reports; written by the host's main loop, read by request threads."""
+
+    declared: tuple[str, ...]
+    ready: bool = False
+    surfaces: dict[str, bool] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def update(self, surfaces: dict[str, bool]) -> bool:
+        """Record probe results; ready when every declared surface answered. Returns ready."""
+        with self._lock:
+            self.surfaces = dict(surfaces)
+            self.ready = all(surfaces.get(name, False) for name in self.declared)
+            return self.ready
+
+    def report(self) -> tuple[int, dict]:
+        """(HTTP status, body) for GET /health."""
+        with self._lock:
+            if not self.ready:
+                body: dict = {"ok": False}
+                if self.surfaces:
+                    body["surfaces"] = dict(self.surfaces)
+                return 503, body
+            return 200, {"ok": True, "surfaces": dict(self.surfaces)}

@@ -1,0 +1,33 @@
+"""The UI surface: the package's static folder served on UI_PORT (stdlib http.server)."""
+
+from __future__ import annotations
+
+import functools
+from http.server import SimpleHTTPRequestHandler
+from pathlib import Path
+
+from .exitcodes import EXIT_BAD_ENTRY, HostError
+from .httpserver import HttpSurface
+
+
+class _UiHandler(SimpleHTTPRequestHandler):
+    server_version = "par-agent-host"
+
+    def log_request(self, code="-", size="-") -> None:
+        pass
+
+
+def ui_folder(package_root: Path, ui_path: str) -> Path:
+    """The UI folder, checked to be inside the package and to hold index.html."""
+    root = package_root.resolve()
+    folder = (root / ui_path).resolve()
+    if folder != root and root not in folder.parents:
+        raise HostError(EXIT_BAD_ENTRY, f"ui path {ui_path!r} points outside the package")
+    if not (folder / "index.html").is_file():
+        raise HostError(EXIT_BAD_ENTRY, f"ui path {ui_path!r} has no index.html ({folder})")
+    return folder
+
+
+def surface(folder: Path, bind_address: str, port: int) -> HttpSurface:
+    handler = functools.partial(_UiHandler, directory=str(folder))
+    return HttpSurface("ui", bind_address, port, handler, probe_path="/")

@@ -1,0 +1,177 @@
+"""`pard`: the PAR daemon (runs as par.service, Type=notify).
+
+Start-up order, each step fatal on failure with a journal line saying why:
+config → folders → store → stale temporary files removed → reconcile with
+systemd → API listening → READY=1.  Then the main loop pings the watchdog
+and refreshes STATUS= until SIGTERM.  Signal handlers only enqueue; the loop
+acts.  Stopping `pard` never stops an agent: agents are their own units.
+
+Exit statuses: 0 clean stop, 1 runtime failure (systemd restarts pard),
+2 configuration or store refused (par.service has RestartPreventExitStatus=2:
+restarting cannot fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from pathlib import Path
+
+import sdnotify
+
+from par import __version__, config, extract, fetch, log
+from par.api import ApiServer
+from par.deployer import Deployer
+from par.errors import ParError
+from par.reconcile import reconcile
+from par.service import ParService
+from par.store import Store
+from par.units import Systemd
+from par.venvs import VenvManager, cleanup_stale
+
+EXIT_OK, EXIT_FAILURE, EXIT_REFUSED = 0, 1, 2
+STATUS_EVERY_S = 10.0
+
+
+def prepare_dirs(cfg: config.Config) -> None:
+    """Create PAR's folders with their modes.
+
+    Extracted packages and venvs are world-readable (agents run as dynamic users
+    and see only their own, through bind mounts); packages and the store are not.
+    """
+    p = cfg.paths
+    for path, mode in ((p.state_dir, 0o755), (p.extracted, 0o755), (p.venvs, 0o755),
+                       (p.packages, 0o700), (p.store.parent, 0o700), (p.cache_dir, 0o755),
+                       (p.tools, 0o755)):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+
+
+def read_token(path: Path) -> str:
+    """The TCP bearer token; refuse to serve TCP without a non-empty one."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ParError("token_missing",
+                       f"listen.tcp is set but the token file {path} cannot be read ({exc.strerror})",
+                       "listen.token_file") from exc
+    if not token:
+        raise ParError("token_missing", f"token file {path} is empty", "listen.token_file")
+    return token
+
+
+class Daemon:
+    """One pard process: owns the store, the deployer and the API servers."""
+
+    def __init__(self, cfg: config.Config, logger: logging.Logger) -> None:
+        self.cfg = cfg
+        self.logger = logger
+        self.events: queue.Queue[str] = queue.Queue()
+        self.notifier = sdnotify.SystemdNotifier()
+        self.store: Store | None = None
+        self.api: ApiServer | None = None
+        self.deployer: Deployer | None = None
+
+    def start(self) -> None:
+        """Everything up to READY=1 (raises ParError when something is refused)."""
+        cfg = self.cfg
+        prepare_dirs(cfg)
+        self.store = Store.open(cfg.paths.store)
+        # a killed pard may have left partial downloads, extractions and venv builds
+        removed = fetch.cleanup_stale(cfg) + extract.cleanup_stale(cfg) + cleanup_stale(cfg)
+        if removed:
+            log.event(self.logger, "Removed stale temporary folders", paths=removed)
+        venvs = VenvManager(cfg, self.logger)
+        self.deployer = Deployer(cfg, self.store, Systemd(), venvs, self.logger)
+        report = reconcile(self.deployer, self.logger)
+        service = ParService(self.deployer)
+        self.api = ApiServer(service, cfg, self.logger)
+        self.api.serve_unix(cfg.listen.socket)
+        if cfg.listen.tcp:
+            host, _, port = cfg.listen.tcp.rpartition(":")
+            self.api.serve_tcp(host or "127.0.0.1", int(port), read_token(cfg.listen.token_file))
+        log.event(self.logger, "pard ready", version=__version__, socket=str(cfg.listen.socket),
+                  tcp=cfg.listen.tcp, adopted=len(report.adopted), restarted=len(report.restarted))
+        self.notifier.notify(f"READY=1\nSTATUS={self.status_line()}")
+
+    def status_line(self) -> str:
+        assert self.store is not None
+        counts = self.store.counts_by_status()
+        healthy = counts.get("healthy", 0)
+        others = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "healthy" and n)
+        return f"{healthy} agent(s) healthy" + (f"; {others}" if others else "")
+
+    def run(self) -> None:
+        """The main loop: watchdog pings and STATUS= until a stop signal arrives."""
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        tick = min(STATUS_EVERY_S, watchdog_usec / 2_000_000) if watchdog_usec else STATUS_EVERY_S
+        last_status = 0.0
+        while True:
+            try:
+                what = self.events.get(timeout=tick)
+            except queue.Empty:
+                what = None
+            if what == "stop":
+                return
+            if watchdog_usec:
+                self.notifier.notify("WATCHDOG=1")
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                self.notifier.notify(f"STATUS={self.status_line()}")
+                last_status = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop serving; agents keep running (they are their own units)."""
+        self.notifier.notify("STOPPING=1")
+        if self.api:
+            self.api.shutdown()
+        if self.deployer:
+            self.deployer.shutdown()
+        if self.store:
+            self.store.close()
+        log.event(self.logger, "pard stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pard` command."""
+    parser = argparse.ArgumentParser(prog="pard", description="PAR daemon (run by par.service)")
+    parser.add_argument("--config", type=Path, default=config.DEFAULT_CONFIG_PATH,
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"pard {__version__}")
+    args = parser.parse_args(argv)
+    logger = log.setup()
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        log.event(logger, "Invalid configuration", logging.ERROR, file=str(args.config),
+                  key=exc.field, message=exc.message)
+        return EXIT_REFUSED
+    daemon = Daemon(cfg, logger)
+    # Handlers only enqueue: nothing logs or locks in signal context.
+    signal.signal(signal.SIGTERM, lambda *_: daemon.events.put("stop"))
+    signal.signal(signal.SIGINT, lambda *_: daemon.events.put("stop"))
+    try:
+        daemon.start()
+    except ParError as exc:
+        log.event(logger, "pard refused to start", logging.ERROR, code=exc.code,
+                  message=exc.message, field=exc.field)
+        daemon.stop()
+        return EXIT_REFUSED if exc.code in ("store_corrupt", "store_too_new", "token_missing",
+                                            "config_invalid") else EXIT_FAILURE
+    except Exception:
+        logger.exception("pard failed to start")
+        daemon.stop()
+        return EXIT_FAILURE
+    try:
+        daemon.run()
+    finally:
+        daemon.stop()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Installers: how a venv is created and its requirements installed.
+
+Two implementations behind one small interface: `UvInstaller` (fast: a shared
+cache hardlinked into every venv) and `PipInstaller` (always available, the
+fallback).  `select_installer` picks one from the config; `install_uv` gives a
+Debian host (which has no uv package) a uv binary from the configured index.
+
+Installers only run commands and turn failures into `ParError`s; where venvs
+live, their names, metadata and locks belong to `par.venvs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from par import procs
+from par.config import Config
+from par.config import Installer as InstallerConfig
+from par.errors import ParError
+from par.fsutil import fsync_dir, remove_tree
+
+# Seconds for steps that do not download anything (creating a venv, --version).
+CREATE_TIMEOUT_S = 120.0
+VERSION_TIMEOUT_S = 30.0
+# Lines of installer output an error carries.
+TAIL_LINES = 40
+
+_DISK_FULL_MARKERS = ("No space left on device", "os error 28", "Errno 28", "ENOSPC")
+_UV_SCRIPT_RE = re.compile(r"^uv-[^/]+\.data/scripts/uv$")
+
+
+def _env(overrides: dict[str, str | None]) -> dict[str, str]:
+    """The child environment: ours without PIP_*/UV_* variables (PAR passes its
+    options explicitly, so the daemon's environment cannot change a build)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    return procs.child_env(overrides, base=base)
+
+
+def is_disk_full(output: str) -> bool:
+    """True when an installer's output says the disk (or quota) is full."""
+    return any(marker in output for marker in _DISK_FULL_MARKERS)
+
+
+def install_error(result: procs.ProcResult, timeout: float) -> ParError:
+    """The ParError for a failed or timed-out dependency install."""
+    if result.timed_out:
+        return ParError(
+            "dependency_install_timeout",
+            f"Dependency installation timed out after {timeout:g} s",
+            "requirements.txt",
+            504,
+        )
+    tail = result.tail(TAIL_LINES)
+    if is_disk_full(result.output):
+        return ParError(
+            "disk_full",
+            f"No space left on device while installing dependencies:\n{tail}",
+            None,
+            507,
+        )
+    return ParError(
+        "dependency_install_failed",
+        f"Dependency installation failed (exit {result.returncode}):\n{tail}",
+        "requirements.txt",
+        422,
+    )
+
+
+def _create_error(result: procs.ProcResult, path: Path) -> ParError:
+    if is_disk_full(result.output):
+        return ParError("disk_full", f"No space left on device creating {path}", None, 507)
+    what = "timed out" if result.timed_out else f"failed (exit {result.returncode})"
+    return ParError(
+        "venv_create_failed",
+        f"Creating the virtual environment {path.name} {what}:\n{result.tail(TAIL_LINES)}",
+        None,
+        500,
+    )
+
+
+def index_args(ic: InstallerConfig, *, uv: bool) -> list[str]:
+    """Command-line options for the configured index, wheelhouses and offline mode."""
+    args: list[str] = []
+    if ic.index_url:
+        args += ["--index-url", ic.index_url]
+    for url in ic.extra_index_urls:
+        args += ["--extra-index-url", url]
+    for link in ic.find_links:
+        args += ["--find-links", link]
+    if ic.offline:
+        # uv can still use its cache offline (what prewarm fills); pip cannot,
+        # so offline pip means find_links only.
+        args += ["--offline"] if uv else ["--no-index"]
+    return args
+
+
+# Run by the venv's own interpreter (its cache tag and marshal format), stdlib
+# only.  Every .py under lib/ gets a .pyc hardlinked from a store keyed by the
+# source's content, mtime and size (what a timestamp pyc's header holds): the
+# sources uv installs are hardlinks of one cached file, so each module is
+# compiled once per host and every later venv only links the result.
+_COMPILE_SCRIPT = r"""
+import hashlib, importlib.util, os, py_compile, shutil, sys
+from concurrent.futures import ProcessPoolExecutor
+
+lib, store = sys.argv[1], os.path.join(sys.argv[2], sys.implementation.cache_tag)
+MODE = py_compile.PycInvalidationMode.TIMESTAMP
+
+def compile_to(src, cfile):
+    try:
+        py_compile.compile(src, cfile=cfile, dfile=os.path.relpath(src, lib), doraise=True,
+                           invalidation_mode=MODE)
+        return True
+    except (py_compile.PyCompileError, SyntaxError, ValueError):
+        return False  # like compileall: a module that does not compile stays source-only
+
+def build(job):
+    src, stored = job
+    os.makedirs(os.path.dirname(stored), exist_ok=True)
+    tmp = "%s.%d.tmp" % (stored, os.getpid())
+    if compile_to(src, tmp):
+        os.replace(tmp, stored)
+
+jobs = []
+for dirpath, dirnames, filenames in os.walk(lib):
+    for name in filenames:
+        if not name.endswith(".py"):
+            continue
+        src = os.path.join(dirpath, name)
+        st = os.lstat(src)
+        with open(src, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        key = "%s-%d-%d" % (digest, int(st.st_mtime), st.st_size & 0xFFFFFFFF)
+        jobs.append((src, os.path.join(store, key[:2], key + ".pyc")))
+
+missing = sorted({stored: src for src, stored in jobs if not os.path.exists(stored)}.items())
+if len(missing) > 32 and (os.cpu_count() or 1) > 1:
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(build, [(src, stored) for stored, src in missing], chunksize=16))
+else:
+    for stored, src in missing:
+        build((src, stored))
+
+linked = compiled = 0
+for src, stored in jobs:
+    target = importlib.util.cache_from_source(src)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        os.link(stored, target)
+        linked += 1
+    except FileExistsError:
+        pass
+    except FileNotFoundError:  # did not compile, or pruned meanwhile
+        compiled += compile_to(src, target)
+    except OSError:  # another filesystem or too many links: a copy still works
+        shutil.copy2(stored, target)
+        compiled += 1
+fresh = sum(os.path.exists(stored) for stored, _ in missing)
+print("bytecode: %d modules, %d newly compiled, %d linked, %d copied or compiled in place"
+      % (len(jobs), fresh, linked, compiled))
+"""
+
+
+def compile_bytecode(cfg: Config, venv_path: Path, timeout: float) -> procs.ProcResult:
+    """Give every module under the venv's lib/ a .pyc, shared through
+    `cache_dir/pyc` (compiled once per host, hardlinked into each venv).
+    Returns the run's result; the caller decides what a failure means."""
+    argv = [str(venv_python(venv_path)), "-I", "-c", _COMPILE_SCRIPT,
+            str(venv_path / "lib"), str(cfg.paths.cache_dir / "pyc")]
+    return procs.run(argv, timeout=timeout, env=_env({}))
+
+
+def _prompt(prompt: str | None) -> list[str]:
+    return ["--prompt", prompt] if prompt else []
+
+
+def venv_python(venv_path: Path) -> Path:
+    """The interpreter of a venv."""
+    return venv_path / "bin" / "python"
+
+
+class Installer(ABC):
+    """Creates venvs and installs requirements into them."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._version: str | None = None
+        self._version_lock = threading.Lock()
+
+    @abstractmethod
+    def create_venv(self, *, path: Path, python: Path, prompt: str | None = None,
+                    timeout: float = CREATE_TIMEOUT_S) -> None:
+        """Create an empty venv at `path` (an empty or missing folder) from `python`;
+        `prompt` is the name activate scripts show (default: the folder's name)."""
+
+    @abstractmethod
+    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+        """Install `requirements_file` into the venv; raise ParError on failure or timeout."""
+
+    @abstractmethod
+    def _query_version(self) -> str: ...
+
+    def version(self) -> str:
+        """The installer's version string (asked once per instance)."""
+        with self._version_lock:
+            if self._version is None:
+                self._version = self._query_version()
+            return self._version
+
+    def _run_create(self, argv: list[str], path: Path, timeout: float) -> None:
+        result = procs.run(argv, timeout=timeout, env=_env({}))
+        if not result.ok:
+            raise _create_error(result, path)
+
+
+class UvInstaller(Installer):
+    """`python -m venv --without-pip`, then `uv pip install` from the shared cache."""
+
+    name = "uv"
+
+    def __init__(self, cfg: Config, uv: Path) -> None:
+        super().__init__(cfg)
+        self.uv = uv
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cfg.paths.cache_dir / "uv"
+
+    def _uv_env(self) -> dict[str, str]:
+        return _env({
+            "UV_CACHE_DIR": str(self.cache_dir),
+            # Hardlinks from the cache: near-zero copy time and disk per venv.
+            "UV_LINK_MODE": "hardlink",
+            "UV_PYTHON_DOWNLOADS": "never",
+            "NO_COLOR": "1",
+            "VIRTUAL_ENV": None,  # uv must target --python, not an inherited venv
+        })
+
+    def create_venv(self, *, path: Path, python: Path, prompt: str | None = None,
+                    timeout: float = CREATE_TIMEOUT_S) -> None:
+        # The stdlib's venv without pip is as fast as `uv venv` and gives both
+        # installers the same layout; uv installs into it through --python.
+        argv = [str(python), "-m", "venv", "--without-pip", *_prompt(prompt), str(path)]
+        self._run_create(argv, path, timeout)
+
+    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+        argv = [
+            str(self.uv), "pip", "install", "--no-progress",
+            "--python", str(venv_python(venv_path)),
+            "--cache-dir", str(self.cache_dir),
+            "--link-mode", "hardlink",
+        ]
+        argv += index_args(self.cfg.installer, uv=True)
+        argv += ["-r", str(requirements_file)]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        result = procs.run(argv, timeout=timeout, env=self._uv_env())
+        if not result.ok:
+            raise install_error(result, timeout)
+        if self.cfg.installer.compile_bytecode:
+            # Not uv's --compile-bytecode: it compiles every module again for
+            # every venv (seconds per build, a private copy of each .pyc);
+            # the shared store compiles each module once per host.
+            left = max(timeout - (time.monotonic() - start), 1.0)
+            compiled = compile_bytecode(self.cfg, venv_path, left)
+            if not compiled.ok:
+                raise install_error(compiled, timeout)
+            result = dataclasses.replace(result, output=result.output + compiled.output,
+                                         seconds=round(result.seconds + compiled.seconds, 3))
+        return result
+
+    def _query_version(self) -> str:
+        result = procs.run([str(self.uv), "--version"], timeout=VERSION_TIMEOUT_S, env=self._uv_env())
+        if not result.ok:
+            raise ParError("installer_broken", f"{self.uv} --version failed: {result.tail(5)}",
+                           "installer.uv_path", 500)
+        # "uv 0.13.9 (x86_64-unknown-linux-gnu)" -> "0.13.9"
+        parts = result.output.split()
+        return parts[1] if len(parts) > 1 else result.output.strip()
+
+
+class PipInstaller(Installer):
+    """`python -m venv` (with pip), then the venv's own `pip install`."""
+
+    name = "pip"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cfg.paths.cache_dir / "pip"
+
+    def create_venv(self, *, path: Path, python: Path, prompt: str | None = None,
+                    timeout: float = CREATE_TIMEOUT_S) -> None:
+        self._run_create([str(python), "-m", "venv", *_prompt(prompt), str(path)], path, timeout)
+
+    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+        argv = [
+            str(venv_python(venv_path)), "-m", "pip", "install",
+            "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
+            "--cache-dir", str(self.cache_dir),
+        ]
+        if not self.cfg.installer.compile_bytecode:
+            argv.append("--no-compile")  # pip compiles by default
+        argv += index_args(self.cfg.installer, uv=False)
+        argv += ["-r", str(requirements_file)]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        result = procs.run(argv, timeout=timeout, env=_env({}))
+        if not result.ok:
+            raise install_error(result, timeout)
+        return result
+
+    def _query_version(self) -> str:
+        # The pip a new venv gets is the one ensurepip bundles.
+        result = procs.run(
+            [str(self.cfg.installer.python), "-I", "-c", "import ensurepip; print(ensurepip.version())"],
+            timeout=VERSION_TIMEOUT_S, env=_env({}),
+        )
+        if not result.ok:
+            raise ParError("installer_broken",
+                           f"{self.cfg.installer.python} has no ensurepip (install python3-venv): "
+                           f"{result.tail(5)}", "installer.python", 500)
+        return result.output.strip()
+
+
+def _executable(path: Path | None) -> Path | None:
+    if path is not None and path.is_file() and os.access(path, os.X_OK):
+        return path
+    return None
+
+
+def find_uv(cfg: Config) -> Path | None:
+    """The uv binary to use: `installer.uv_path` when set (and nothing else),
+    otherwise `state_dir/tools/uv`, then `uv` on PATH; None when there is none."""
+    if cfg.installer.uv_path is not None:
+        return _executable(cfg.installer.uv_path)
+    found = _executable(cfg.paths.tools / "uv")
+    if found:
+        return found
+    which = shutil.which("uv")
+    return _executable(Path(which)) if which else None
+
+
+def select_installer(cfg: Config) -> Installer:
+    """The installer `installer.kind` asks for: auto = uv when found, else pip."""
+    kind = cfg.installer.kind
+    if kind == "pip":
+        return PipInstaller(cfg)
+    uv = find_uv(cfg)
+    if uv is not None:
+        return UvInstaller(cfg, uv)
+    if kind == "uv":
+        where = cfg.installer.uv_path or f"{cfg.paths.tools / 'uv'} or PATH"
+        raise ParError(
+            "uv_not_found",
+            f"installer.kind is uv but no uv binary was found at {where}: "
+            "run `parctl installer install-uv` or set installer.kind: auto",
+            "installer.uv_path",
+            500,
+        )
+    return PipInstaller(cfg)
+
+
+def _remaining(deadline: float, what: str, timeout: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ParError("uv_install_failed", f"{what}: timed out after {timeout:g} s", None, 504)
+    return left
+
+
+def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
+    """Fetch the `uv` wheel from the configured index (or find_links) and put its
+    binary at `cfg.paths.tools / "uv"`; return that path.
+
+    A throwaway venv's pip downloads the wheel (`--only-binary=:all: --no-deps`),
+    the binary is taken from the wheel's `.data/scripts/`, checked with
+    `--version` and renamed into place, so a failure leaves the old binary (or
+    none) untouched.
+    """
+    tools = cfg.paths.tools
+    tools.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    work = Path(tempfile.mkdtemp(prefix=".install-uv-", dir=tools))
+    try:
+        venv = work / "venv"
+        result = procs.run([str(cfg.installer.python), "-m", "venv", str(venv)],
+                           timeout=_remaining(deadline, "creating pip venv", timeout), env=_env({}))
+        if not result.ok:
+            raise ParError("uv_install_failed",
+                           f"creating a venv for pip failed:\n{result.tail(TAIL_LINES)}", None, 500)
+        download = work / "download"
+        argv = [
+            str(venv_python(venv)), "-m", "pip", "download", "uv",
+            "--only-binary=:all:", "--no-deps", "--no-input", "--disable-pip-version-check",
+            "--progress-bar", "off", "--dest", str(download),
+            *index_args(cfg.installer, uv=False),
+        ]
+        result = procs.run(argv, timeout=_remaining(deadline, "downloading uv", timeout), env=_env({}))
+        if not result.ok:
+            raise ParError("uv_install_failed",
+                           f"downloading the uv wheel failed:\n{result.tail(TAIL_LINES)}", None, 502)
+        wheels = sorted(download.glob("uv-*.whl"))
+        if not wheels:
+            raise ParError("uv_install_failed", "pip download produced no uv wheel", None, 502)
+        staged = work / "uv"
+        with zipfile.ZipFile(wheels[-1]) as zf:
+            members = [n for n in zf.namelist() if _UV_SCRIPT_RE.match(n)]
+            if not members:
+                raise ParError("uv_install_failed",
+                               f"{wheels[-1].name} has no uv binary in its scripts", None, 502)
+            with zf.open(members[0]) as src, open(staged, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+        staged.chmod(0o755)
+        result = procs.run([str(staged), "--version"],
+                           timeout=_remaining(deadline, "checking uv", timeout), env=_env({}))
+        if not result.ok or not result.output.startswith("uv "):
+            raise ParError("uv_install_failed",
+                           f"the downloaded uv does not run: {result.tail(5)}", None, 502)
+        target = tools / "uv"
+        os.replace(staged, target)  # same folder tree, so an atomic rename
+        fsync_dir(tools)
+        return target
+    finally:
+        remove_tree(work)

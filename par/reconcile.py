@@ -1,0 +1,119 @@
+"""Bring systemd in line with the store when `pard` starts.
+
+- A current deployment that should run and whose unit is active is adopted as
+  it is: no restart, same MainPID.
+- One whose unit is missing (transient units are gone after a reboot) or dead
+  is started again on its stored ports; if that fails it is marked failed with
+  the reason.
+- A deploy that was in flight when the daemon died is failed cleanly
+  ("interrupted"), unless its unit is up and it had reached `starting` with
+  this deployment's id, in which case it is finished (made current).
+- `par-agent@*` units the store knows nothing about are reported, never killed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from par.deployer import Deployer
+from par.errors import ParError
+from par.log import event
+from par.units import agent_id_of, unit_name
+
+
+@dataclass
+class ReconcileReport:
+    """What reconcile did, for the log and the STATUS line."""
+
+    adopted: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    unknown_units: list[str] = field(default_factory=list)
+
+
+def reconcile(deployer: Deployer, logger: logging.Logger) -> ReconcileReport:
+    """Adopt, re-create or fail every deployment according to the store (see module doc)."""
+    store, systemd = deployer.store, deployer.systemd
+    report = ReconcileReport()
+
+    for d in store.in_flight():
+        st = systemd.status(unit_name(d.agent_app_id))
+        unit_env_matches = st.active_state == "active" and d.status == "starting" and \
+            _unit_deployment(systemd, st.name) == d.deployment_id
+        if unit_env_matches:
+            store.set_current(d.agent_app_id, d.deployment_id)
+            store.update(d.deployment_id, status="healthy")
+            store.add_event(d.deployment_id, d.agent_app_id, "Deploy finished after daemon restart")
+            report.adopted.append(d.agent_app_id)
+            continue
+        if d.status == "stopping":
+            store.update(d.deployment_id, status="stopped")
+            continue
+        if d.status == "starting" and st.exists and \
+                _unit_deployment(systemd, st.name) == d.deployment_id:
+            # half-started: its unit must not linger; the previous deployment, if
+            # any, is brought back below like any current one whose unit is gone
+            systemd.stop(st.name, wait_s=_stop_wait(deployer, d))
+            systemd.reset_failed(st.name)
+        store.fail(d.deployment_id, "interrupted",
+                   f"pard stopped during '{d.status}'; deploy again to retry")
+        store.add_event(d.deployment_id, d.agent_app_id, "Deployment interrupted", phase=d.status)
+        report.interrupted.append(d.deployment_id)
+
+    known = set()
+    for d in store.currents():
+        known.add(d.agent_app_id)
+        if d.desired_state != "running":
+            continue
+        name = unit_name(d.agent_app_id)
+        st = systemd.status(name)
+        if st.active_state in ("active", "activating", "reloading"):
+            report.adopted.append(d.agent_app_id)
+            event(logger, "Adopted running agent", agentAppId=d.agent_app_id,
+                  deploymentId=d.deployment_id, pid=st.main_pid)
+            continue
+        try:
+            if st.exists:
+                systemd.reset_failed(name)
+            with deployer.agent_lock(d.agent_app_id):
+                st = deployer.start_unit(deployer.launch_for(d))
+            store.update(d.deployment_id, status="healthy", error_code=None,
+                         error_message=None, error_field=None)
+            store.add_event(d.deployment_id, d.agent_app_id, "Agent re-created by reconcile",
+                            pid=st.main_pid)
+            report.restarted.append(d.agent_app_id)
+        except ParError as exc:
+            store.fail(d.deployment_id, exc.code, f"could not start after daemon restart: {exc.message}")
+            store.add_event(d.deployment_id, d.agent_app_id, "Reconcile failed", code=exc.code,
+                            message=exc.message)
+            report.failed.append(d.agent_app_id)
+
+    for unit in systemd.list_agent_units():
+        agent = agent_id_of(unit)
+        if agent is not None and agent not in known:
+            report.unknown_units.append(unit)
+            event(logger, "Unknown agent unit", logging.WARNING, unit=unit,
+                  hint="not started by this pard's store; left running")
+    event(logger, "Reconcile done", adopted=len(report.adopted), restarted=len(report.restarted),
+          failed=len(report.failed), interrupted=len(report.interrupted),
+          unknown=len(report.unknown_units))
+    return report
+
+
+def _stop_wait(deployer: Deployer, d) -> float:
+    return float(d.request.get("stopTimeoutSec") or deployer.cfg.agents.stop_timeout_s) + 10
+
+
+def _unit_deployment(systemd, unit: str) -> str | None:
+    """The DEPLOYMENT_ID in a unit's environment (which deployment it runs)."""
+    try:
+        env = systemd.property(unit, "Service", "Environment")
+    except Exception:
+        return None
+    for item in env or []:
+        text = item.decode() if isinstance(item, bytes) else str(item)
+        if text.startswith("DEPLOYMENT_ID="):
+            return text.split("=", 1)[1]
+    return None

@@ -1,0 +1,171 @@
+"""What the API serves: `ParService` implements `par.api.Service` over the deployer,
+the store, the venvs and systemd.  Handlers return plain dicts (docs/api.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from par import __version__
+from par.deploy_request import DeployRequest
+from par.deployer import Deployer
+from par.errors import ParError
+from par.installers import install_uv
+from par.units import unit_name
+
+
+class ParService:
+    """The daemon's answers to API calls."""
+
+    def __init__(self, deployer: Deployer, started_at: float | None = None) -> None:
+        self.deployer = deployer
+        self.cfg = deployer.cfg
+        self.store = deployer.store
+        self.systemd = deployer.systemd
+        self.venv_manager = deployer.venvs
+        self.started_at = started_at or time.time()
+
+    # deployments
+    def deploy(self, req: DeployRequest) -> tuple[int, dict]:
+        # the API refuses file:// and paths over TCP, so a local URL means the local socket
+        return self.deployer.submit(req, local=req.package_is_local)
+
+    def list_deployments(self, agent_app_id: str | None = None, status: str | None = None) -> list[dict]:
+        return [d.to_api() for d in self.store.list(agent_app_id=agent_app_id, status=status)]
+
+    def get_deployment(self, ident: str) -> dict:
+        return self.deployer.resolve(ident).to_api()
+
+    def deployment_health(self, ident: str) -> dict:
+        d = self.deployer.resolve(ident)
+        st = self.systemd.status(unit_name(d.agent_app_id)) if d.current else None
+        surfaces: dict = {}
+        healthy = False
+        message = d.error_message or d.status
+        if st is not None and st.active_state == "active" and d.ports.get("rest"):
+            code, body = _get_json(self.cfg.ports.bind_address, d.ports["rest"], "/health")
+            healthy = code == 200 and bool(body.get("ok"))
+            surfaces = body.get("surfaces", {}) if isinstance(body, dict) else {}
+            message = "healthy" if healthy else f"agent /health answered {code}"
+        elif st is not None:
+            message = f"unit is {st.active_state} ({st.sub_state})"
+        return {
+            "deploymentId": d.deployment_id,
+            "agentAppId": d.agent_app_id,
+            "status": d.status,
+            "healthy": healthy,
+            "message": message,
+            "details": st.to_dict() if st is not None else None,
+            "surfaces": surfaces,
+            "ports": d.ports,
+        }
+
+    def deployment_events(self, ident: str, limit: int | None = None) -> list[dict]:
+        d = self.deployer.resolve(ident)
+        return self.store.events(d.deployment_id, limit=limit)
+
+    def action(self, ident: str, name: str) -> dict:
+        return self.deployer.action(ident, name).to_api()
+
+    def delete(self, ident: str, purge: bool) -> dict:
+        return self.deployer.remove(ident, purge)
+
+    def agents(self) -> list[dict]:
+        out = []
+        for d in sorted(self.store.currents(), key=lambda x: x.agent_app_id):
+            name = unit_name(d.agent_app_id)
+            st = self.systemd.status(name)
+            res = self.systemd.resources(name) if st.active_state == "active" else None
+            out.append({
+                "agentAppId": d.agent_app_id,
+                "deployment": d.to_api(),
+                "unit": st.to_dict(),
+                "resources": {"rssBytes": res.rss_bytes, "cpuSeconds": res.cpu_seconds,
+                              "pids": list(res.pids)} if res else None,
+            })
+        return out
+
+    # daemon
+    def daemon_health(self) -> dict:
+        disk = shutil.disk_usage(self.cfg.paths.state_dir)
+        installer = self.venv_manager.installer
+        return {
+            "ok": True,
+            "version": __version__,
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "agents": self.store.counts_by_status(),
+            "disk": {"path": str(self.cfg.paths.state_dir), "freeBytes": disk.free,
+                     "totalBytes": disk.total},
+            "capacity": {"workers": self.cfg.workers, "maxVenvs": self.cfg.venvs.max_venvs},
+            "installer": {"name": installer.name, "version": installer.version()},
+        }
+
+    def metrics(self) -> str:
+        lines = ["# HELP par_deployments Deployments by status.", "# TYPE par_deployments gauge"]
+        for status, n in sorted(self.store.counts_by_status().items()):
+            lines.append(f'par_deployments{{status="{status}"}} {n}')
+        v = self.venv_manager.counters.snapshot()
+        for key in ("hits", "misses", "builds", "failures", "evictions"):
+            lines += [f"# TYPE par_venv_{key}_total counter", f"par_venv_{key}_total {int(v.get(key, 0))}"]
+        lines += ["# TYPE par_venv_build_seconds_total counter",
+                  f"par_venv_build_seconds_total {v.get('build_seconds', 0.0):.3f}"]
+        c = self.deployer.counters
+        lines += [
+            "# TYPE par_deploys_total counter",
+            f'par_deploys_total{{result="healthy"}} {c.deploys_ok}',
+            f'par_deploys_total{{result="failed"}} {c.deploys_failed}',
+            "# TYPE par_deploy_seconds_total counter",
+            f"par_deploy_seconds_total {c.deploy_seconds:.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    # venvs and installer
+    def venvs(self) -> list[dict]:
+        users: dict[str, list[str]] = {}
+        for d in self.store.currents():
+            if d.venv:
+                users.setdefault(d.venv, []).append(d.agent_app_id)
+        return [{"name": v.name, "sizeBytes": v.size_bytes, "lastUsed": v.last_used,
+                 "inUseBy": list(v.in_use_by), "packageId": v.package_id,
+                 "pythonVersion": v.python_version, "installer": v.installer}
+                for v in self.venv_manager.list(users)]
+
+    def prune_venvs(self) -> dict:
+        in_use = {d.venv for d in self.store.currents() + self.store.in_flight() if d.venv}
+        return {"evicted": self.venv_manager.prune(in_use, all_unused=True)}
+
+    def prewarm(self, requirements: str) -> dict:
+        if not isinstance(requirements, str) or not requirements.strip():
+            raise ParError("invalid_field", "requirements must be a non-empty string", "requirements")
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
+            fh.write(requirements)
+        try:
+            res = self.venv_manager.prewarm(Path(fh.name))
+        finally:
+            Path(fh.name).unlink(missing_ok=True)
+        return {"installer": res.installer, "seconds": res.seconds}
+
+    def install_uv(self) -> dict:
+        path = install_uv(self.cfg)
+        # a new installer choice applies to the next builds
+        self.venv_manager.reset_installer()
+        return {"path": str(path), "version": self.venv_manager.installer.version()}
+
+
+def _get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, dict]:
+    """GET http://host:port/path; (status, parsed JSON or {}) — 0 when unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}

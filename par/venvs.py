@@ -1,0 +1,646 @@
+"""Per-agent venvs: naming, metadata, validation, atomic build, locks, reuse, LRU eviction.
+
+A venv is named `{agentAppId}_{sha[:7]}` (or `{name@version}_{sha[:7]}` when
+there is no agentAppId), where `sha` is the SHA-256 of the effective
+requirements.  It is reused only when it validates (`bin/python` runs, its
+metadata matches the hash and the base interpreter, `sys.prefix` is the venv);
+otherwise it is rebuilt.
+
+A build happens in a temporary sibling `.tmp-{name}-{random}` and is renamed
+into place only after it validates, so a crash, kill -9 or timeout never
+leaves a folder a later deploy could take for a good venv; `cleanup_stale`
+removes the leftovers at start.  Deletion works the same way in reverse
+(rename to a `.tmp-` name, then delete).  One lock file per venv name, kept
+in `venvs/.locks/` (outside the venv, so deleting a venv never deletes its
+lock), serializes threads and processes working on the same venv; different
+venvs build in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
+
+from par import ids, procs
+from par.config import Config
+from par.errors import ParError
+from par.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, remove_tree
+from par.installers import Installer, select_installer, venv_python
+from par.log import Timer, event
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "par-venv.json"
+# The effective requirements the venv was built from, kept for inspection.
+REQUIREMENTS_FILE = "par-requirements.txt"
+TMP_PREFIX = ".tmp-"
+LOCK_DIR = ".locks"
+VALIDATE_TIMEOUT_S = 30.0
+# A venv used this recently is never evicted: a deploy that was just handed it
+# may not be among the caller's in-use deployments yet.
+EVICT_GRACE_S = 600.0
+
+PACKAGE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# What a venv's python prints for validation: its prefix and exact version.
+_PROBE = "import sys; print(sys.prefix); print(sys.version.split()[0])"
+
+
+def venv_name(agent_app_id: str | None, package_id: str, requirements_sha: str) -> str:
+    """`{agentAppId}_{sha[:7]}`, or `{name@version}_{sha[:7]}` without an agentAppId."""
+    if not SHA256_RE.fullmatch(requirements_sha):
+        raise ParError("invalid_sha", "requirements sha must be 64 lowercase hex digits",
+                       "requirements_sha", 400)
+    if agent_app_id is not None:
+        owner = ids.agent_id(agent_app_id)
+    elif PACKAGE_ID_RE.fullmatch(package_id):
+        owner = package_id
+    else:
+        raise ParError("invalid_id", f"package id {package_id!r} is not name@version",
+                       "package_id", 400)
+    return f"{owner}_{requirements_sha[:7]}"
+
+
+class VenvMetaDict(TypedDict):
+    """The on-disk shape of `par-venv.json` (schema 1)."""
+
+    schema: int
+    package_id: str
+    agent_app_id: str | None
+    requirements_sha256: str
+    python: str
+    python_version: str
+    installer: str
+    installer_version: str
+    created_at: float
+    build_seconds: float
+    last_used: float
+
+
+@dataclass(frozen=True)
+class VenvMeta:
+    """What PAR records about a venv it built."""
+
+    package_id: str
+    agent_app_id: str | None
+    requirements_sha256: str
+    # The base interpreter's path and exact version ("3.11.2") at build time.
+    python: str
+    python_version: str
+    installer: str
+    installer_version: str
+    created_at: float
+    build_seconds: float
+    last_used: float
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> VenvMetaDict:
+        return VenvMetaDict(**dataclasses.asdict(self))  # type: ignore[typeddict-item]
+
+    @classmethod
+    def from_dict(cls, raw: object) -> VenvMeta:
+        """Parse `raw`; ValueError when it is not schema-1 metadata."""
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA_VERSION:
+            raise ValueError("not schema-1 venv metadata")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(raw) != names:
+            raise ValueError(f"metadata keys differ: {sorted(set(raw) ^ names)}")
+        meta = cls(**raw)
+        for key in ("package_id", "requirements_sha256", "python", "python_version", "installer"):
+            if not isinstance(getattr(meta, key), str):
+                raise ValueError(f"metadata {key} is not a string")
+        return meta
+
+
+def read_meta(venv: Path) -> VenvMeta | None:
+    """The venv's metadata, or None when it is missing or unreadable."""
+    try:
+        return VenvMeta.from_dict(json.loads((venv / METADATA_FILE).read_text("utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_meta(venv: Path, meta: VenvMeta) -> None:
+    """Write the venv's metadata atomically."""
+    atomic_write_text(venv / METADATA_FILE, json.dumps(meta.to_dict(), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class PythonInfo:
+    """The base interpreter venvs are built from."""
+
+    path: Path
+    version: str
+
+
+@dataclass(frozen=True)
+class VenvResult:
+    """What `VenvManager.ensure` returns."""
+
+    path: Path
+    name: str
+    reused: bool
+    installer: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VenvInfo:
+    """One row of `VenvManager.list`."""
+
+    name: str
+    path: Path
+    # Bytes on disk, each hardlinked file counted once.
+    size_bytes: int
+    last_used: float
+    in_use_by: tuple[str, ...]
+    package_id: str | None
+    agent_app_id: str | None
+    python_version: str | None
+    installer: str | None
+
+
+@dataclass(frozen=True)
+class PrewarmResult:
+    installer: str
+    seconds: float
+
+
+class VenvCounters:
+    """Thread-safe counters for /metrics: hits, misses, builds, failures,
+    evictions and build_seconds."""
+
+    FIELDS = ("hits", "misses", "builds", "failures", "evictions", "build_seconds")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        if name not in self._values:
+            raise KeyError(name)
+        with self._lock:
+            self._values[name] += amount
+
+    def snapshot(self) -> dict[str, float]:
+        """A consistent copy of all counters."""
+        with self._lock:
+            out = dict(self._values)
+        out["build_seconds"] = round(out["build_seconds"], 3)
+        return out
+
+
+@contextmanager
+def venv_lock(venvs_dir: Path, name: str, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold the lock of venv `name`; yields False (without waiting) when
+    `blocking` is False and someone else holds it.
+
+    flock locks belong to an open file description, so two threads of one
+    process exclude each other as well as two processes do.
+    """
+    lock_dir = venvs_dir / LOCK_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _venv_dirs(root: Path) -> list[Path]:
+    """The venv folders in `root` (temporary and lock folders excluded)."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in entries if not p.name.startswith(".") and p.is_dir())
+
+
+def cleanup_stale(cfg: Config) -> list[str]:
+    """Remove temporary build and deletion folders left by a crash; return their names.
+
+    Call once at daemon start, before any build (a running build's temporary
+    folder looks the same).
+    """
+    root = cfg.paths.venvs
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        if path.name.startswith(TMP_PREFIX):
+            remove_tree(path)
+            removed.append(path.name)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+def _inodes(path: Path) -> dict[tuple[int, int], int]:
+    """(device, inode) -> bytes on disk of every file and folder under `path`."""
+    out: dict[tuple[int, int], int] = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for entry in [dirpath, *(os.path.join(dirpath, n) for n in filenames)]:
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                continue
+            out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        # os.walk does not follow symlinked folders; lstat them as files.
+        for n in dirnames:
+            full = os.path.join(dirpath, n)
+            if os.path.islink(full):
+                st = os.lstat(full)
+                out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return out
+
+
+def disk_usage(paths: Iterable[Path]) -> int:
+    """Bytes on disk used by `paths` together, each hardlinked file counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for path in paths:
+        seen.update(_inodes(path))
+    return sum(seen.values())
+
+
+def _has_requirements(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())
+
+
+def _relocate(tmp: Path, final: Path) -> None:
+    """Rewrite the temporary path to the final one in bin/ scripts and pyvenv.cfg.
+
+    Installers write absolute shebangs (`#!/.../.tmp-x/bin/python`); after the
+    rename they must name the final path.  Each file is replaced, never edited
+    in place, so a file hardlinked from the cache is never changed.
+    """
+    old, new = str(tmp).encode(), str(final).encode()
+    candidates = [tmp / "pyvenv.cfg"]
+    bin_dir = tmp / "bin"
+    if bin_dir.is_dir():
+        candidates += sorted(bin_dir.iterdir())
+    for path in candidates:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 4 * 1024**2:
+            continue
+        data = path.read_bytes()
+        if old not in data or (b"\0" in data and not data.startswith(b"#!")):
+            continue  # binaries keep their bytes (a length change would corrupt them)
+        atomic_write_bytes(path, data.replace(old, new), mode=path.stat().st_mode & 0o7777)
+
+
+def _os_error(exc: OSError, name: str) -> ParError:
+    """A file-system failure during a build, as the ParError callers act on."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ParError("disk_full", f"No space left on device while building venv {name}",
+                        None, 507)
+    return ParError("venv_build_failed", f"Building venv {name} failed: {exc}", None, 500)
+
+
+def cache_on_same_filesystem(cfg: Config) -> bool:
+    """True when the shared cache and the venvs share a filesystem (so uv can
+    hardlink instead of copying); `pard` warns at start when they do not."""
+    def device(path: Path) -> int:
+        while not path.exists():
+            path = path.parent
+        return path.stat().st_dev
+
+    return device(cfg.paths.cache_dir) == device(cfg.paths.venvs)
+
+
+class VenvManager:
+    """Owns the venvs folder: `ensure` (reuse or build), `list`, `prune`, `prewarm`."""
+
+    def __init__(self, cfg: Config, logger: logging.Logger,
+                 installer: Installer | None = None,
+                 evict_grace_s: float = EVICT_GRACE_S) -> None:
+        self.cfg = cfg
+        self.evict_grace_s = evict_grace_s
+        self.logger = logger
+        self.root = cfg.paths.venvs
+        self.counters = VenvCounters()
+        self._installer = installer
+        self._installer_lock = threading.Lock()
+        self._python_lock = threading.Lock()
+        self._python_cache: tuple[tuple[int, ...], PythonInfo] | None = None
+
+    @property
+    def installer(self) -> Installer:
+        """The configured installer, chosen on first use (so a uv installed
+        later by `parctl installer install-uv` is picked up by a new manager)."""
+        with self._installer_lock:
+            if self._installer is None:
+                self._installer = select_installer(self.cfg)
+            return self._installer
+
+    # -- the base interpreter -------------------------------------------------
+
+    def base_python(self) -> PythonInfo:
+        """The configured interpreter and its exact version.
+
+        Asked again whenever the interpreter's file changes (an apt upgrade),
+        so venvs of the old version stop validating and get rebuilt.
+        """
+        path = self.cfg.installer.python
+        try:
+            st = path.resolve().stat()
+        except OSError as exc:
+            raise ParError("python_missing", f"base interpreter {path} not found",
+                           "installer.python", 500) from exc
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._python_lock:
+            if self._python_cache and self._python_cache[0] == key:
+                return self._python_cache[1]
+            result = procs.run([str(path), "-I", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
+                               env=procs.child_env())
+            lines = result.output.split()
+            if not result.ok or len(lines) < 2:
+                raise ParError("python_broken", f"base interpreter {path} does not run: "
+                               f"{result.tail(5)}", "installer.python", 500)
+            info = PythonInfo(path=path, version=lines[-1])
+            self._python_cache = (key, info)
+            return info
+
+    # -- validation -------------------------------------------------------------
+
+    def validate(self, path: Path, requirements_sha: str) -> str | None:
+        """Why the venv at `path` must not be reused, or None when it is good."""
+        base = self.base_python()
+        python = venv_python(path)
+        if not python.exists():
+            return "bin/python is missing"
+        meta = read_meta(path)
+        if meta is None:
+            return f"{METADATA_FILE} is missing or unreadable"
+        if meta.requirements_sha256 != requirements_sha:
+            return "requirements hash differs from the metadata"
+        if meta.python != str(base.path):
+            return f"built from {meta.python}, configured interpreter is {base.path}"
+        if meta.python_version != base.version:
+            return f"built for Python {meta.python_version}, interpreter is now {base.version}"
+        result = procs.run([str(python), "-I", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
+                           env=procs.child_env(), cwd=path)
+        lines = result.output.splitlines()
+        if not result.ok or len(lines) < 2:
+            return f"bin/python does not run: {result.tail(3) or result.returncode}"
+        prefix, version = lines[-2], lines[-1]
+        if os.path.realpath(prefix) != os.path.realpath(path):
+            return f"sys.prefix is {prefix}, not the venv"
+        if version != meta.python_version:
+            return f"bin/python is Python {version}, metadata says {meta.python_version}"
+        return None
+
+    # -- ensure -------------------------------------------------------------------
+
+    def ensure(
+        self,
+        agent_app_id: str | None,
+        package_id: str,
+        requirements_text: str,
+        requirements_sha: str,
+        in_use: set[str],
+    ) -> VenvResult:
+        """Return a valid venv for these requirements: reuse it or build it.
+
+        `requirements_sha` is the SHA-256 of `requirements_text` (the effective
+        requirements).  `in_use` names the venvs current deployments use; eviction
+        never touches them (nor this one).  Raises ParError on failure, leaving
+        no partial venv behind.
+        """
+        start = time.monotonic()
+        name = venv_name(agent_app_id, package_id, requirements_sha)
+        final = self.root / name
+        fields = {"venv": name, "package_id": package_id}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with venv_lock(self.root, name):
+            if final.exists() or final.is_symlink():
+                problem = self.validate(final, requirements_sha)
+                if problem is None:
+                    meta = self._touch(final)
+                    self.counters.add("hits")
+                    seconds = round(time.monotonic() - start, 3)
+                    event(self.logger, "Reusing existing venv", **fields, seconds=seconds)
+                    return VenvResult(final, name, True, meta.installer if meta else "?", seconds)
+                event(self.logger, "Invalid venv found, rebuilding", logging.WARNING,
+                      **fields, reason=problem)
+                try:
+                    self._discard(final)
+                except OSError as exc:
+                    self.counters.add("failures")
+                    raise _os_error(exc, name) from exc
+            self.counters.add("misses")
+            protect = set(in_use) | {name}
+            self._evict(protect, incoming=1)
+            installer = self.installer
+            try:
+                build_seconds = self._build(installer, name, agent_app_id, package_id,
+                                            requirements_text, requirements_sha)
+            except ParError as exc:
+                self.counters.add("failures")
+                event(self.logger, "Venv build failed", logging.ERROR, **fields,
+                      code=exc.code, seconds=round(time.monotonic() - start, 3))
+                raise
+            self.counters.add("builds")
+            self.counters.add("build_seconds", build_seconds)
+            self._evict(protect, incoming=0)  # the byte budget, now that the size is known
+        return VenvResult(final, name, False, installer.name, round(time.monotonic() - start, 3))
+
+    def _touch(self, path: Path) -> VenvMeta | None:
+        meta = read_meta(path)
+        if meta is None:
+            return None
+        try:
+            write_meta(path, dataclasses.replace(meta, last_used=round(time.time(), 3)))
+        except OSError as exc:
+            # Reuse must not fail because last_used could not be recorded.
+            event(self.logger, "Could not record venv use", logging.WARNING,
+                  venv=path.name, error=str(exc))
+        return meta
+
+    def _build(self, installer: Installer, name: str, agent_app_id: str | None,
+               package_id: str, requirements_text: str, requirements_sha: str) -> float:
+        """Build venv `name` in a temporary sibling, validate it, rename it into place."""
+        final = self.root / name
+        fields = {"venv": name, "package_id": package_id, "installer": installer.name}
+        base = self.base_python()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=self.root))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; agents run as other users
+            with Timer() as total:
+                event(self.logger, "Creating virtual environment", **fields,
+                      python=str(base.path), python_version=base.version)
+                with Timer() as create:
+                    installer.create_venv(path=tmp, python=base.path, prompt=name)
+                req_file = tmp / REQUIREMENTS_FILE
+                atomic_write_text(req_file, requirements_text)
+                install_seconds = 0.0
+                if _has_requirements(requirements_text):
+                    event(self.logger, "Installing dependencies", **fields,
+                          create_seconds=create.seconds)
+                    with Timer() as install:
+                        installer.install(venv_path=tmp, requirements_file=req_file,
+                                          timeout=self.cfg.installer.timeout_s)
+                    install_seconds = install.seconds
+                _relocate(tmp, final)
+                now = round(time.time(), 3)
+                write_meta(tmp, VenvMeta(
+                    package_id=package_id, agent_app_id=agent_app_id,
+                    requirements_sha256=requirements_sha,
+                    python=str(base.path), python_version=base.version,
+                    installer=installer.name, installer_version=installer.version(),
+                    created_at=now, build_seconds=round(time.monotonic() - total.start, 3),
+                    last_used=now,
+                ))
+                problem = self.validate(tmp, requirements_sha)
+                if problem is not None:
+                    raise ParError("venv_invalid",
+                                   f"the new venv {name} does not validate: {problem}", None, 500)
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+            event(self.logger, "Venv built", **fields, create_seconds=create.seconds,
+                  install_seconds=install_seconds, seconds=total.seconds)
+            return total.seconds
+        except OSError as exc:
+            raise _os_error(exc, name) from exc
+        finally:
+            self._remove_quietly(tmp)
+
+    def _remove_quietly(self, path: Path) -> None:
+        if not (path.exists() or path.is_symlink()):
+            return
+        try:
+            remove_tree(path)
+        except OSError as exc:
+            # A leftover .tmp- folder is harmless (never reused) and cleanup_stale removes it.
+            event(self.logger, "Could not remove temporary venv", logging.WARNING,
+                  path=str(path), error=str(exc))
+
+    def _discard(self, path: Path) -> None:
+        """Delete a venv: rename it out of the way first, so a crash halfway
+        through the deletion never leaves a half-deleted venv under its name."""
+        trash = self.root / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, trash)
+        fsync_dir(self.root)
+        self._remove_quietly(trash)
+
+    # -- eviction -------------------------------------------------------------------
+
+    def _last_used(self, path: Path) -> float:
+        meta = read_meta(path)
+        if meta is not None:
+            return meta.last_used
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _evict(self, protect: set[str], incoming: int, *, all_unused: bool = False) -> list[str]:
+        """Delete least-recently-used venvs not in `protect` until the budget
+        (cfg.venvs) holds with `incoming` more venvs; return the evicted names."""
+        budget = self.cfg.venvs
+        present = {p.name: p for p in _venv_dirs(self.root)}
+        last_used = {n: self._last_used(p) for n, p in present.items()}
+        recent = time.time() - self.evict_grace_s
+        candidates = sorted((n for n in present if n not in protect and last_used[n] < recent),
+                            key=lambda n: last_used[n])
+        sizes: dict[str, dict[tuple[int, int], int]] | None = None
+
+        def reason() -> str | None:
+            nonlocal sizes
+            if all_unused:
+                return "prune"
+            if len(present) + incoming > budget.max_venvs:
+                return "max_venvs"
+            if self._free_bytes() < budget.min_free_bytes:
+                return "min_free_bytes"
+            if sizes is None:  # walked once, only when the cheap checks pass
+                sizes = {n: _inodes(p) for n, p in present.items()}
+            union: dict[tuple[int, int], int] = {}
+            for n in present:
+                union.update(sizes[n])
+            if sum(union.values()) > budget.max_bytes:
+                return "max_bytes"
+            return None
+
+        evicted = []
+        for name in candidates:
+            why = reason()
+            if why is None:
+                break
+            with venv_lock(self.root, name, blocking=False) as locked:
+                if not locked:
+                    continue  # being reused or rebuilt right now
+                try:
+                    self._discard(present.pop(name))
+                except FileNotFoundError:
+                    continue  # already gone
+            evicted.append(name)
+            self.counters.add("evictions")
+            event(self.logger, "Evicted venv", venv=name, reason=why, last_used=last_used[name])
+        return evicted
+
+    def prune(self, in_use: set[str], *, all_unused: bool = False) -> list[str]:
+        """Evict until the budget holds (or, with `all_unused`, every venv not in
+        `in_use`); return the evicted names."""
+        return self._evict(set(in_use), incoming=0, all_unused=all_unused)
+
+    # -- listing and prewarm ----------------------------------------------------------
+
+    def list(self, in_use_by: Mapping[str, Iterable[str]] | None = None) -> list[VenvInfo]:
+        """Every venv with its size (hardlinks counted once), last use and users.
+
+        `in_use_by` maps a venv name to the deployments using it.
+        """
+        in_use_by = in_use_by or {}
+        out = []
+        for path in _venv_dirs(self.root):
+            meta = read_meta(path)
+            out.append(VenvInfo(
+                name=path.name, path=path, size_bytes=disk_usage([path]),
+                last_used=self._last_used(path),
+                in_use_by=tuple(sorted(in_use_by.get(path.name, ()))),
+                package_id=meta.package_id if meta else None,
+                agent_app_id=meta.agent_app_id if meta else None,
+                python_version=meta.python_version if meta else None,
+                installer=meta.installer if meta else None,
+            ))
+        return out
+
+    def prewarm(self, requirements_file: Path) -> PrewarmResult:
+        """Install `requirements_file` into a throwaway venv so the shared cache
+        holds everything it needs (the next build of it needs no network)."""
+        installer = self.installer
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prewarm-", dir=self.root))
+        try:
+            with Timer() as t:
+                event(self.logger, "Prewarming cache", installer=installer.name,
+                      requirements=str(requirements_file))
+                installer.create_venv(path=tmp, python=self.base_python().path)
+                installer.install(venv_path=tmp, requirements_file=requirements_file,
+                                  timeout=self.cfg.installer.timeout_s)
+            return PrewarmResult(installer.name, t.seconds)
+        finally:
+            self._remove_quietly(tmp)
