@@ -57,11 +57,12 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
 @pytest.fixture(scope="module")
 def pard():
     """A pard (par.service from the source tree) for the whole test module."""
-    from .pard import Pard, new_root
+    from .pard import TEST_TOKEN, Pard, free_port, new_root
 
-    p = Pard(new_root("pard"), config_extra={"listen": {"tcp": "127.0.0.1:18080"}})
+    # sandboxes share the host's network: no fixed port, so several can run at once
+    p = Pard(new_root("pard"), config_extra={"listen": {"tcp": f"127.0.0.1:{free_port()}"}})
     p.root.mkdir(parents=True, exist_ok=True)
-    (p.root / "token").write_text("test-token-0123456789\n")
+    (p.root / "token").write_text(TEST_TOKEN + "\n")
     p.config_extra["listen"]["token_file"] = str(p.root / "token")
     p.start()
     try:

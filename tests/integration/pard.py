@@ -30,6 +30,16 @@ IT_ROOT = Path("/var/lib/par-it")
 UV = REPO / ".cache/tools/bin/uv"
 WHEELHOUSE = REPO / ".cache/wheelhouse"
 EXAMPLES = REPO / "examples"
+TEST_TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -56,6 +66,10 @@ class Pard:
     @property
     def config_path(self) -> Path:
         return self.root / "par.yaml"
+
+    @property
+    def tcp_url(self) -> str:
+        return "http://" + self.config_extra["listen"]["tcp"]
 
     @property
     def socket(self) -> Path:

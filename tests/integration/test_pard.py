@@ -26,17 +26,16 @@ from tests.wheels import build_hanging_sdist, build_wheel
 
 from . import agents
 from .conftest import wait_for
-from .pard import Pard, agent_get, apkg_with, sh
+from .pard import TEST_TOKEN, Pard, agent_get, apkg_with, sh
 
-TOKEN = "test-token-0123456789"
-TCP = "http://127.0.0.1:18080"
+TOKEN = TEST_TOKEN
 
 
-def tcp_post(path: str, body: dict, token: str | None = TOKEN) -> tuple[int, dict]:
+def tcp_post(pard: Pard, path: str, body: dict, token: str | None = TOKEN) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(TCP + path, data=json.dumps(body).encode(), headers=headers,
+    req = urllib.request.Request(pard.tcp_url + path, data=json.dumps(body).encode(), headers=headers,
                                  method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -122,21 +121,21 @@ def test_hello_agent_deploys_healthy(pard: Pard) -> None:
 def test_tcp_needs_the_token_and_refuses_file_urls(pard: Pard) -> None:
     apkg = pard.pack("hello-agent")
     with serve(apkg.parent) as base:
-        code, err = tcp_post("/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token=None)
+        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token=None)
         assert code == 401 and err["error"]["code"] == "unauthorized"
-        code, err = tcp_post("/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token="wrong")
+        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token="wrong")
         assert code == 401
         assert not pard.client().deployments(agent_app_id="tcp-agent")["deployments"]  # no side effect
-        code, err = tcp_post("/deploy", body("tcp-agent", f"file://{apkg}"))
+        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"file://{apkg}"))
         assert code == 403 and err["error"]["field"] == "packageUrl"
         b = body("tcp-agent", f"{base}/{apkg.name}")
-        code, ok = tcp_post("/deploy", b)
+        code, ok = tcp_post(pard, "/deploy", b)
         assert code == 202 and ok["deploymentId"] == b["deploymentId"]
         assert pard.wait(b["deploymentId"])["status"] == "healthy"
         # the same request again: the existing record, nothing rebuilt
-        code, again = tcp_post("/deploy", b)
+        code, again = tcp_post(pard, "/deploy", b)
         assert code == 200 and again["deployment"]["deploymentId"] == b["deploymentId"]
-        code, err = tcp_post("/deploy", {**b, "version": "2.0.0"})
+        code, err = tcp_post(pard, "/deploy", {**b, "version": "2.0.0"})
         assert code == 409 and err["error"]["code"] == "conflict"
 
 
