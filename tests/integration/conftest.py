@@ -64,8 +64,8 @@ def pard():
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "token").write_text(TEST_TOKEN + "\n")
     p.config_extra["listen"]["token_file"] = str(p.root / "token")
-    p.start()
     try:
+        p.start()
         yield p
     finally:
         p.teardown()
