@@ -40,7 +40,7 @@ from par.manifest import Manifest, load_manifest, read_dotenv
 from par.requirements import effective_requirements
 from par.store import Deployment, Store
 from par.units import Systemd, UnitStatus, unit_name
-from par.venvs import VenvManager
+from par.venvs import VenvManager, venv_name
 
 IN_FLIGHT = ("pending", "downloading", "loading", "starting")
 # systemd's own lines about a unit that say nothing about why it failed
@@ -162,8 +162,8 @@ class Deployer:
         manifest = load_manifest(root, self.logger)
         reqs = effective_requirements(root, manifest, cfg.installer.allow_index_options)
         in_use = self._venvs_in_use()
-        had_venv = (cfg.paths.venvs).exists() and any(
-            p.name.endswith(f"_{reqs.short}") for p in cfg.paths.venvs.iterdir())
+        had_venv = (cfg.paths.venvs / venv_name(d.agent_app_id, manifest.package_id,
+                                                reqs.sha256)).exists()
         venv = self.venvs.ensure(d.agent_app_id, manifest.package_id, reqs.text, reqs.sha256, in_use)
         if not venv.reused and not had_venv:
             created.append(venv.path)
@@ -240,6 +240,9 @@ class Deployer:
             self.store.update(did, ports=ports, unit=unit_name(agent))
         launch = AgentLaunch(**{**launch.__dict__, "ports": ports})
         write_host_spec(launch)
+        # only a previous deployment that was serving is brought back on failure
+        was_serving = previous is not None and \
+            self.systemd.status(unit_name(agent)).active_state == "active"
         if previous is not None:
             self._stop_unit(agent, _stop_timeout(self.cfg, previous))
             self.store.add_event(did, agent, "Stopped previous deployment",
@@ -247,7 +250,7 @@ class Deployer:
         try:
             st = self.start_unit(launch)
         except ParError:
-            if previous is not None:
+            if previous is not None and was_serving:
                 self._roll_back(did, previous)
             raise
         self.store.end_phase(did, "starting")

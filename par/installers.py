@@ -37,6 +37,8 @@ TAIL_LINES = 40
 
 _DISK_FULL_MARKERS = ("No space left on device", "os error 28", "Errno 28", "ENOSPC")
 _UV_SCRIPT_RE = re.compile(r"^uv-[^/]+\.data/scripts/uv$")
+# Debian's python3-pip-whl (a dependency of python3-venv): pip runs from its wheel.
+DEBIAN_PIP_WHEELS = Path("/usr/share/python-wheels")
 
 
 def _env(overrides: dict[str, str | None]) -> dict[str, str]:
@@ -378,11 +380,26 @@ def _remaining(deadline: float, what: str, timeout: float) -> float:
     return left
 
 
+def _pip_command(cfg: Config, work: Path, deadline: float, timeout: float) -> list[str]:
+    """argv prefix running a pip: Debian's bundled pip wheel run directly (no
+    venv needed), else the pip of a throwaway venv created in `work`."""
+    wheels = sorted(DEBIAN_PIP_WHEELS.glob("pip-*.whl"))
+    if wheels:
+        return [str(cfg.installer.python), "-I", f"{wheels[-1]}/pip"]
+    venv = work / "venv"
+    result = procs.run([str(cfg.installer.python), "-m", "venv", str(venv)],
+                       timeout=_remaining(deadline, "creating pip venv", timeout), env=_env({}))
+    if not result.ok:
+        raise ParError("uv_install_failed",
+                       f"creating a venv for pip failed:\n{result.tail(TAIL_LINES)}", None, 500)
+    return [str(venv_python(venv)), "-m", "pip"]
+
+
 def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
     """Fetch the `uv` wheel from the configured index (or find_links) and put its
     binary at `cfg.paths.tools / "uv"`; return that path.
 
-    A throwaway venv's pip downloads the wheel (`--only-binary=:all: --no-deps`),
+    pip downloads the wheel (`--only-binary=:all: --no-deps`),
     the binary is taken from the wheel's `.data/scripts/`, checked with
     `--version` and renamed into place, so a failure leaves the old binary (or
     none) untouched.
@@ -392,15 +409,10 @@ def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
     deadline = time.monotonic() + timeout
     work = Path(tempfile.mkdtemp(prefix=".install-uv-", dir=tools))
     try:
-        venv = work / "venv"
-        result = procs.run([str(cfg.installer.python), "-m", "venv", str(venv)],
-                           timeout=_remaining(deadline, "creating pip venv", timeout), env=_env({}))
-        if not result.ok:
-            raise ParError("uv_install_failed",
-                           f"creating a venv for pip failed:\n{result.tail(TAIL_LINES)}", None, 500)
+        pip = _pip_command(cfg, work, deadline, timeout)
         download = work / "download"
         argv = [
-            str(venv_python(venv)), "-m", "pip", "download", "uv",
+            *pip, "download", "uv",
             "--only-binary=:all:", "--no-deps", "--no-input", "--disable-pip-version-check",
             "--progress-bar", "off", "--dest", str(download),
             *index_args(cfg.installer, uv=False),

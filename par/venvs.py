@@ -317,7 +317,7 @@ def _os_error(exc: OSError, name: str) -> ParError:
 
 def cache_on_same_filesystem(cfg: Config) -> bool:
     """True when the shared cache and the venvs share a filesystem (so uv can
-    hardlink instead of copying); `pard` warns at start when they do not."""
+    hardlink instead of copying); worth a warning at start when it is False."""
     def device(path: Path) -> int:
         while not path.exists():
             path = path.parent
@@ -337,6 +337,7 @@ class VenvManager:
         self.logger = logger
         self.root = cfg.paths.venvs
         self.counters = VenvCounters()
+        self._given_installer = installer
         self._installer = installer
         self._installer_lock = threading.Lock()
         self._python_lock = threading.Lock()
@@ -344,12 +345,16 @@ class VenvManager:
 
     @property
     def installer(self) -> Installer:
-        """The configured installer, chosen on first use (so a uv installed
-        later by `parctl installer install-uv` is picked up by a new manager)."""
+        """The configured installer, chosen on first use."""
         with self._installer_lock:
             if self._installer is None:
                 self._installer = select_installer(self.cfg)
             return self._installer
+
+    def reset_installer(self) -> None:
+        """Choose the installer again at the next build (after `install-uv`)."""
+        with self._installer_lock:
+            self._installer = self._given_installer
 
     # -- the base interpreter -------------------------------------------------
 
@@ -603,8 +608,25 @@ class VenvManager:
 
     def prune(self, in_use: set[str], *, all_unused: bool = False) -> list[str]:
         """Evict until the budget holds (or, with `all_unused`, every venv not in
-        `in_use`); return the evicted names."""
-        return self._evict(set(in_use), incoming=0, all_unused=all_unused)
+        `in_use`), then drop shared bytecode no venv links any more; return the
+        evicted names."""
+        evicted = self._evict(set(in_use), incoming=0, all_unused=all_unused)
+        self._prune_bytecode_store()
+        return evicted
+
+    def _prune_bytecode_store(self) -> int:
+        """Delete .pyc files of the shared store that no venv links (link count 1)."""
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.cfg.paths.cache_dir / "pyc"):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.lstat(path).st_nlink == 1:
+                        os.unlink(path)  # a build racing this compiles in place instead
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
     # -- listing and prewarm ----------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from par import config, procs
+from par import config, installers, procs
 from par.config import Installer as InstallerConfig
 from par.errors import ParError
 from par.installers import (
@@ -157,7 +157,9 @@ def test_install_uv_from_a_wheelhouse(tmp_path, wheelhouse):
     assert find_uv(cfg) == path
 
 
-def test_install_uv_failure_leaves_nothing(tmp_path):
+def test_install_uv_failure_leaves_nothing(tmp_path, monkeypatch):
+    # without Debian's pip wheel, pip comes from a throwaway venv (also removed)
+    monkeypatch.setattr(installers, "DEBIAN_PIP_WHEELS", tmp_path / "no-wheels")
     empty = tmp_path / "empty-wh"
     empty.mkdir()
     cfg = _cfg(tmp_path, find_links=[str(empty)], offline=True)

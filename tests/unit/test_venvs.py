@@ -512,8 +512,11 @@ def test_prune_respects_budget_in_use_and_grace(tmp_path, wheelhouse, recorder):
     m = VenvManager(cfg, recorder.logger, evict_grace_s=0)
     assert sorted(m.prune({built[1]})) == sorted([built[0], built[2]])
     assert leftovers(cfg) == [built[1]]
+    store = cfg.paths.cache_dir / "pyc"
+    assert list(store.rglob("*.pyc"))  # alpha's bytecode, shared by the venvs
     assert m.prune(set(), all_unused=True) == [built[1]]
     assert leftovers(cfg) == []
+    assert not list(store.rglob("*.pyc"))  # no venv links it any more
 
 
 def test_byte_budget_counts_hardlinks_once(tmp_path, wheelhouse, recorder):
@@ -597,3 +600,16 @@ def test_benchmark_smoke():
     assert result["b_par_uv_s"] < result["a_legacy_s"]  # uv warm beats venv + pip
     assert 0 < result["d_reuse_ms"] < result["b_par_uv_s"] * 1000
     assert result["disk_uv_5_over_1"] < 5  # hardlinked files are shared
+
+
+def test_installer_is_chosen_again_after_reset(tmp_path, wheelhouse, recorder, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    cfg = make_cfg(tmp_path, wheelhouse, "pip")
+    cfg = dataclasses.replace(cfg, installer=dataclasses.replace(cfg.installer, kind="auto"))
+    m = VenvManager(cfg, recorder.logger)
+    assert m.installer.name == "pip"  # no uv anywhere yet
+    cfg.paths.tools.mkdir(parents=True)
+    (cfg.paths.tools / "uv").symlink_to(uv_binary())  # what install-uv leaves
+    assert m.installer.name == "pip"  # kept until told
+    m.reset_installer()
+    assert m.installer.name == "uv"
