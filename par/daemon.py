@@ -32,7 +32,7 @@ from par.reconcile import reconcile
 from par.service import ParService
 from par.store import Store
 from par.units import Systemd
-from par.venvs import VenvManager, cleanup_stale
+from par.venvs import VenvManager, cache_on_same_filesystem, cleanup_stale
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED = 0, 1, 2
 STATUS_EVERY_S = 10.0
@@ -86,6 +86,10 @@ class Daemon:
         removed = fetch.cleanup_stale(cfg) + extract.cleanup_stale(cfg) + cleanup_stale(cfg)
         if removed:
             log.event(self.logger, "Removed stale temporary folders", paths=removed)
+        if not cache_on_same_filesystem(cfg):
+            log.event(self.logger, "Cache and venvs on different filesystems", logging.WARNING,
+                      cache_dir=str(cfg.paths.cache_dir), venvs=str(cfg.paths.venvs),
+                      hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
         venvs = VenvManager(cfg, self.logger)
         self.deployer = Deployer(cfg, self.store, Systemd(), venvs, self.logger)
         report = reconcile(self.deployer, self.logger)

@@ -177,7 +177,8 @@ def compile_bytecode(cfg: Config, venv_path: Path, timeout: float) -> procs.Proc
     """Give every module under the venv's lib/ a .pyc, shared through
     `cache_dir/pyc` (compiled once per host, hardlinked into each venv).
     Returns the run's result; the caller decides what a failure means."""
-    argv = [str(venv_python(venv_path)), "-I", "-c", _COMPILE_SCRIPT,
+    # -S: no site, so no package's .pth file runs (as root) during the build
+    argv = [str(venv_python(venv_path)), "-I", "-S", "-c", _COMPILE_SCRIPT,
             str(venv_path / "lib"), str(cfg.paths.cache_dir / "pyc")]
     return procs.run(argv, timeout=timeout, env=_env({}))
 
@@ -208,7 +209,8 @@ class Installer(ABC):
         `prompt` is the name activate scripts show (default: the folder's name)."""
 
     @abstractmethod
-    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+    def install(self, *, venv_path: Path, requirements_file: Path,
+                timeout: float) -> procs.ProcResult:
         """Install `requirements_file` into the venv; raise ParError on failure or timeout."""
 
     @abstractmethod
@@ -228,7 +230,8 @@ class Installer(ABC):
 
 
 class UvInstaller(Installer):
-    """`python -m venv --without-pip`, then `uv pip install` from the shared cache."""
+    """`python -m venv --without-pip`, then `uv pip install` from the shared cache,
+    then bytecode from the shared store (`compile_bytecode`)."""
 
     name = "uv"
 
@@ -257,7 +260,8 @@ class UvInstaller(Installer):
         argv = [str(python), "-m", "venv", "--without-pip", *_prompt(prompt), str(path)]
         self._run_create(argv, path, timeout)
 
-    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+    def install(self, *, venv_path: Path, requirements_file: Path,
+                timeout: float) -> procs.ProcResult:
         argv = [
             str(self.uv), "pip", "install", "--no-progress",
             "--python", str(venv_python(venv_path)),
@@ -284,7 +288,8 @@ class UvInstaller(Installer):
         return result
 
     def _query_version(self) -> str:
-        result = procs.run([str(self.uv), "--version"], timeout=VERSION_TIMEOUT_S, env=self._uv_env())
+        result = procs.run([str(self.uv), "--version"], timeout=VERSION_TIMEOUT_S,
+                           env=self._uv_env())
         if not result.ok:
             raise ParError("installer_broken", f"{self.uv} --version failed: {result.tail(5)}",
                            "installer.uv_path", 500)
@@ -306,7 +311,8 @@ class PipInstaller(Installer):
                     timeout: float = CREATE_TIMEOUT_S) -> None:
         self._run_create([str(python), "-m", "venv", *_prompt(prompt), str(path)], path, timeout)
 
-    def install(self, *, venv_path: Path, requirements_file: Path, timeout: float) -> procs.ProcResult:
+    def install(self, *, venv_path: Path, requirements_file: Path,
+                timeout: float) -> procs.ProcResult:
         argv = [
             str(venv_python(venv_path)), "-m", "pip", "install",
             "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
@@ -325,7 +331,8 @@ class PipInstaller(Installer):
     def _query_version(self) -> str:
         # The pip a new venv gets is the one ensurepip bundles.
         result = procs.run(
-            [str(self.cfg.installer.python), "-I", "-c", "import ensurepip; print(ensurepip.version())"],
+            [str(self.cfg.installer.python), "-I", "-c",
+             "import ensurepip; print(ensurepip.version())"],
             timeout=VERSION_TIMEOUT_S, env=_env({}),
         )
         if not result.ok:
@@ -417,10 +424,12 @@ def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
             "--progress-bar", "off", "--dest", str(download),
             *index_args(cfg.installer, uv=False),
         ]
-        result = procs.run(argv, timeout=_remaining(deadline, "downloading uv", timeout), env=_env({}))
+        result = procs.run(argv, timeout=_remaining(deadline, "downloading uv", timeout),
+                           env=_env({}))
         if not result.ok:
             raise ParError("uv_install_failed",
-                           f"downloading the uv wheel failed:\n{result.tail(TAIL_LINES)}", None, 502)
+                           f"downloading the uv wheel failed:\n{result.tail(TAIL_LINES)}",
+                           None, 502)
         wheels = sorted(download.glob("uv-*.whl"))
         if not wheels:
             raise ParError("uv_install_failed", "pip download produced no uv wheel", None, 502)

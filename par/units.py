@@ -308,14 +308,24 @@ class Systemd:
             )
 
     def wait_active(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
-        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, or `timeout`.
+        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, its start
+        failed, or `timeout`.
 
-        A returned start job is not an active unit, hence the wait.
+        A returned start job is not an active unit, hence the wait.  A failed start of a
+        `Restart=on-failure` unit (e.g. a start timeout) never shows `failed` before the
+        start limit: it goes deactivating, then activating/auto-restart, and the next
+        attempt resets `Result` to "success".  So the first sign of failure ends the wait,
+        while `Result` still says why.
         """
         deadline = time.monotonic() + timeout
+        restarts: int | None = None
         while True:
             st = self.status(name)
-            if st.active_state in ACTIVE_STATES_FINAL or time.monotonic() >= deadline:
+            restarts = st.n_restarts if restarts is None else restarts
+            start_failed = st.sub_state == "auto-restart" or st.n_restarts > restarts or (
+                st.active_state == "deactivating" and st.result not in ("", "success"))
+            if st.active_state in ACTIVE_STATES_FINAL or start_failed \
+                    or time.monotonic() >= deadline:
                 return st
             time.sleep(poll)
 

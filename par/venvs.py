@@ -56,7 +56,11 @@ EVICT_GRACE_S = 600.0
 PACKAGE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # What a venv's python prints for validation: its prefix and exact version.
-_PROBE = "import sys; print(sys.prefix); print(sys.version.split()[0])"
+# Run with -S: site's own venv detection sets sys.prefix, but its .pth
+# processing is skipped, since a package's .pth would run its code as root.
+_PROBE = ("import sys, site; "
+          "site.addsitepackages = lambda known_paths, prefixes=None: known_paths; "
+          "site.venv(None); print(sys.prefix); print(sys.version.split()[0])")
 
 
 def venv_name(agent_app_id: str | None, package_id: str, requirements_sha: str) -> str:
@@ -374,7 +378,7 @@ class VenvManager:
         with self._python_lock:
             if self._python_cache and self._python_cache[0] == key:
                 return self._python_cache[1]
-            result = procs.run([str(path), "-I", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
+            result = procs.run([str(path), "-I", "-S", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
                                env=procs.child_env())
             lines = result.output.split()
             if not result.ok or len(lines) < 2:
@@ -401,7 +405,7 @@ class VenvManager:
             return f"built from {meta.python}, configured interpreter is {base.path}"
         if meta.python_version != base.version:
             return f"built for Python {meta.python_version}, interpreter is now {base.version}"
-        result = procs.run([str(python), "-I", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
+        result = procs.run([str(python), "-I", "-S", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
                            env=procs.child_env(), cwd=path)
         lines = result.output.splitlines()
         if not result.ok or len(lines) < 2:

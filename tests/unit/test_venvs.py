@@ -253,6 +253,21 @@ def test_corrupted_venv_is_rebuilt(tmp_path, wheelhouse, recorder, corrupt):
     assert leftovers(m.cfg) == [first.name]
 
 
+def test_validation_runs_no_package_code(tmp_path, wheelhouse, recorder):
+    """A package's .pth file would run as root if validation imported site fully."""
+    m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
+    venv = ensure(m, "alpha==1.0\n").path
+    marker = tmp_path / "pth-ran"
+    site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    evil = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+    (site_packages / "zz-evil.pth").write_text(evil)
+    assert m.validate(venv, sha("alpha==1.0\n")) is None
+    assert ensure(m, "alpha==1.0\n").reused
+    assert not marker.exists()
+    run_py(venv, "pass")  # a normal start does run it: the test can fail
+    assert marker.exists()
+
+
 def test_interpreter_change_is_noticed_without_restart(tmp_path, wheelhouse, recorder):
     """A new interpreter binary (an apt upgrade) is asked its version again."""
     link = tmp_path / "python3"
