@@ -4,12 +4,19 @@ The unit runs `<venv>/bin/python -m par_agent_host` with `PYTHONPATH` set to
 a folder holding only the host, so the agent's venv sees none of PAR's own
 dependencies.  The host reads the agent spec JSON written next to the
 extracted package (`par-agent.json`).
+
+The agent's own variables (request env, package .env, manifest environment) are
+secrets more often than not, and a unit's `Environment=` is readable by every
+local user (`systemctl show`, /run/systemd/transient/).  So `Environment=` holds
+PAR's variables only; the agent's go to a root-only file named by
+`EnvironmentFile=`, which PID 1 reads as root when it starts the agent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from par.units import UnitSpec, unit_name
 # The folder that goes on the agent's PYTHONPATH: it holds `par_agent_host` alone.
 HOST_DIR = Path(__file__).resolve().parent / "agent_host"
 SPEC_FILENAME = "par-agent.json"
+ENV_DIR = "env"  # below state_dir: the agents' EnvironmentFile=s
 # The host's permanent failures (see par_agent_host/exitcodes.py): restarting
 # cannot fix them, so systemd must not burn the start limit on them.
 HOST_PERMANENT_EXIT = (2, 3, 4)
@@ -96,35 +104,67 @@ def write_host_spec(launch: AgentLaunch) -> Path:
     return path
 
 
+def env_file_path(cfg: Config, agent_id: str) -> Path:
+    """The root-only file holding the agent's own variables (`EnvironmentFile=`)."""
+    return cfg.paths.state_dir / ENV_DIR / f"{agent_id}.env"
+
+
+def _env_file_value(value: str) -> str:
+    # systemd's EnvironmentFile= syntax: inside double quotes, backslash escapes
+    # exactly these four; anything else (newlines too) is taken as written.
+    for ch in ("\\", '"', "`", "$"):
+        value = value.replace(ch, "\\" + ch)
+    return f'"{value}"'
+
+
+def env_file_text(cfg: Config, launch: AgentLaunch) -> str:
+    """The agent's own variables, minus those PAR sets (PAR's win: a file's would override)."""
+    own = par_environment(cfg, launch)
+    return "".join(f"{key}={_env_file_value(value)}\n"
+                   for key, value in sorted(launch.env.items()) if key not in own)
+
+
+def write_env_file(cfg: Config, launch: AgentLaunch) -> Path:
+    """Write the agent's `EnvironmentFile=` (mode 0600 in a 0700 folder; atomic)."""
+    path = env_file_path(cfg, launch.agent_id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    atomic_write_text(path, env_file_text(cfg, launch), mode=0o600)
+    return path
+
+
 def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
     """The agent's environment: its own variables first, PAR's on top (they cannot be overridden)."""
-    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
     env = dict(launch.env)
-    env.update(
-        {
-            "AGENT_APP_ID": launch.agent_id,
-            "DEPLOYMENT_ID": launch.deployment_id,
-            "ORG_ID": launch.org_id,
-            "REST_PORT": str(launch.ports["rest"]),
-            "A2A_PORT": str(launch.ports["a2a"]),
-            "UI_PORT": str(launch.ports["ui"]),
-            "AGENT_PACKAGE_PATH": str(launch.package_root),
-            "AGENT_VENV_PATH": str(launch.venv_path),
-            "BASE_PATH": f"/agents/{launch.agent_id}",
-            "MULTIPLEXED": "false",
-            "PAR_BIND_ADDRESS": cfg.ports.bind_address,
-            "PAR_AGENT_SPEC": str(spec_path(launch.package_root)),
-            "PYTHONPATH": str(HOST_DIR),
-            "PYTHONUNBUFFERED": "1",
-            # the venv is read-only to the agent; bytecode was compiled at build time
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOME": f"/var/lib/{state_directory(launch.agent_id)}",
-            # the host drains before systemd's SIGKILL and gives up before its start timeout
-            "PAR_STOP_TIMEOUT": str(max(1, stop_timeout - 2)),
-            "PAR_READY_TIMEOUT": str(max(5, cfg.agents.boot_timeout_s - 5)),
-        }
-    )
+    env.update(par_environment(cfg, launch))
     return env
+
+
+def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
+    """The variables PAR sets for every agent (its unit's `Environment=`; no secrets)."""
+    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
+    return {
+        "AGENT_APP_ID": launch.agent_id,
+        "DEPLOYMENT_ID": launch.deployment_id,
+        "ORG_ID": launch.org_id,
+        "REST_PORT": str(launch.ports["rest"]),
+        "A2A_PORT": str(launch.ports["a2a"]),
+        "UI_PORT": str(launch.ports["ui"]),
+        "AGENT_PACKAGE_PATH": str(launch.package_root),
+        "AGENT_VENV_PATH": str(launch.venv_path),
+        "BASE_PATH": f"/agents/{launch.agent_id}",
+        "MULTIPLEXED": "false",
+        "PAR_BIND_ADDRESS": cfg.ports.bind_address,
+        "PAR_AGENT_SPEC": str(spec_path(launch.package_root)),
+        "PYTHONPATH": str(HOST_DIR),
+        "PYTHONUNBUFFERED": "1",
+        # the venv is read-only to the agent; bytecode was compiled at build time
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": f"/var/lib/{state_directory(launch.agent_id)}",
+        # the host drains before systemd's SIGKILL and gives up before its start timeout
+        "PAR_STOP_TIMEOUT": str(max(1, stop_timeout - 2)),
+        "PAR_READY_TIMEOUT": str(max(5, cfg.agents.boot_timeout_s - 5)),
+    }
 
 
 def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
@@ -135,7 +175,8 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         name=unit_name(launch.agent_id),
         description=f"PAR agent {launch.name} {launch.version} (deployment {launch.deployment_id})",
         argv=[str(launch.venv_path / "bin" / "python"), "-m", "par_agent_host"],
-        environment=environment(cfg, launch),
+        environment=par_environment(cfg, launch),
+        environment_files=(str(env_file_path(cfg, launch.agent_id)),),
         working_directory=str(launch.package_root),
         notify=True,
         timeout_start_s=cfg.agents.boot_timeout_s,

@@ -384,6 +384,9 @@ class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer on TCP; request threads are daemons (shutdown never waits on them)."""
 
     daemon_threads = True
+    # socketserver's default backlog is 5: a 6th client connecting while the accept loop is
+    # busy gets EAGAIN at once on the unix socket (a connect with a timeout does not wait).
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, address: str | tuple[str, int], settings: _Settings) -> None:
         self.settings = settings

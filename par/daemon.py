@@ -41,11 +41,13 @@ STATUS_EVERY_S = 10.0
 def prepare_dirs(cfg: config.Config) -> None:
     """Create PAR's folders with their modes.
 
-    Extracted packages and venvs are world-readable (agents run as dynamic users
-    and see only their own, through bind mounts); packages and the store are not.
+    Agents run as dynamic users and see only their own package and venv, through
+    bind mounts: the files inside are world-readable, the folders above them need
+    not be.  extracted/ is root-only, since packages hold `.env` files other local
+    users must not read; packages and the store are root-only too.
     """
     p = cfg.paths
-    for path, mode in ((p.state_dir, 0o755), (p.extracted, 0o755), (p.venvs, 0o755),
+    for path, mode in ((p.state_dir, 0o755), (p.extracted, 0o700), (p.venvs, 0o755),
                        (p.packages, 0o700), (p.store.parent, 0o700), (p.cache_dir, 0o755),
                        (p.tools, 0o755)):
         path.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         daemon.run()
     finally:
         daemon.stop()
+    if daemon.deployer is not None and daemon.deployer.running():
+        # Deploys still running are abandoned, as after a crash (reconcile fails or finishes
+        # them at the next start).  The interpreter would wait for their threads at exit,
+        # holding a restart for up to the install or boot timeout.
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from par import ports as portalloc
 from par import procs
-from par.agent_unit import EXIT_MEANING, AgentLaunch, unit_spec, write_host_spec
+from par.agent_unit import (EXIT_MEANING, AgentLaunch, env_file_path, unit_spec,
+                            write_env_file, write_host_spec)
 from par.config import Config
 from par.deploy_request import DeployRequest, parse_deploy_request
 from par.errors import NotFound, ParError
@@ -76,6 +77,8 @@ class Deployer:
         self._agent_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         # local deploys may use file:// URLs; remembered per deployment for the worker
         self._local: dict[str, bool] = {}
+        self._stopping = False
+        self._running = 0  # deploys a worker is running now (guarded by _lock)
 
     # ------------------------------------------------------------------ deploy
     def submit(self, req: DeployRequest, *, local: bool) -> tuple[int, dict]:
@@ -109,17 +112,35 @@ class Deployer:
 
     def shutdown(self) -> None:
         """Stop taking work; running deploys are abandoned (reconcile finishes them)."""
+        self._stopping = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def running(self) -> int:
+        """How many deploys workers are running now."""
+        with self._lock:
+            return self._running
+
     def _run_safely(self, deployment_id: str) -> None:
+        with self._lock:
+            self._running += 1
         try:
             self._run(deployment_id)
-        except Exception:  # a bug: record it, keep the worker alive
+        except Exception:
+            if self._stopping:
+                # the store is closed under it: abandoned, like after a crash; reconcile
+                # fails or finishes it at the next start
+                event(self.logger, "Deploy abandoned: pard is stopping",
+                      deploymentId=deployment_id)
+                return
+            # a bug: record it, keep the worker alive
             self.logger.exception("deploy crashed", extra={"fields": {"deploymentId": deployment_id}})
             try:
                 self._fail(deployment_id, ParError("internal", "internal error while deploying; see pard's journal"))
             except Exception:
                 self.logger.exception("could not record the failure")
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def _run(self, deployment_id: str) -> None:
         d = self.store.get(deployment_id)
@@ -270,16 +291,19 @@ class Deployer:
     def start_unit(self, launch: AgentLaunch) -> UnitStatus:
         """Start the unit and wait for READY; on failure raise with the reason and leave no unit."""
         spec = unit_spec(self.cfg, launch)
+        write_env_file(self.cfg, launch)  # its secrets, read by PID 1 at every (re)start
+        started = time.time()
         self.systemd.start(spec)
         st = self.systemd.wait_active(spec.name, timeout=spec.timeout_start_s + 10)
         if st.active_state == "active":
             return st
-        reason = self._failure_reason(st)
+        reason = self._failure_reason(st, since=started)
         self._stop_unit(launch.agent_id, 5)
         self.systemd.reset_failed(spec.name)
+        env_file_path(self.cfg, launch.agent_id).unlink(missing_ok=True)  # a rollback rewrites it
         raise ParError("agent_start_failed", reason, None, 500)
 
-    def _failure_reason(self, st: UnitStatus) -> str:
+    def _failure_reason(self, st: UnitStatus, since: float | None = None) -> str:
         code = st.exec_main_status
         if st.result == "timeout":
             why = (f"the agent did not report ready within {self.cfg.agents.boot_timeout_s} s "
@@ -288,12 +312,17 @@ class Deployer:
             why = f"{EXIT_MEANING[code]} (exit status {code})"
         else:
             why = f"the agent exited ({st.result}, status {code})"
-        tail = self._journal_tail(st.name)
+        tail = self._journal_tail(st.name, since=since)
         return f"{why}: {tail}" if tail else why
 
-    def _journal_tail(self, unit: str, lines: int = 3) -> str:
-        """The last meaningful journal lines of a unit (systemd's restart bookkeeping left out)."""
-        res = procs.run(["journalctl", "-u", unit, "-n", "60", "-o", "cat", "--no-pager"], timeout=10)
+    def _journal_tail(self, unit: str, lines: int = 3, since: float | None = None) -> str:
+        """The last meaningful journal lines of a unit (systemd's restart bookkeeping left out),
+        only those logged after `since` (epoch seconds) when given: older ones are about
+        another deployment of the same agent."""
+        argv = ["journalctl", "-u", unit, "-n", "60", "-o", "cat", "--no-pager"]
+        if since is not None:
+            argv.append(f"--since=@{int(since)}")
+        res = procs.run(argv, timeout=10)
         kept: list[str] = []
         for line in res.output.splitlines():
             text = line.split(".service: ", 1)[-1].strip()
@@ -387,12 +416,23 @@ class Deployer:
                 self._stop_unit(agent, _stop_timeout(self.cfg, d))
                 self.store.update(d.deployment_id, status="stopped")
             elif name in ("start", "restart"):
+                running = self.systemd.status(unit_name(agent)).active_state == "active"
+                launch = None
+                if name == "restart" or not running:
+                    try:
+                        # Before anything is stopped: a restart that cannot start the agent
+                        # again (its extracted package is gone) leaves the running one alone.
+                        launch = self.launch_for(d)
+                    except ParError as exc:
+                        if not running:
+                            self.store.fail(d.deployment_id, exc.code, exc.message, exc.field)
+                        raise
                 self.store.update(d.deployment_id, desired_state="running", status="starting")
                 try:
                     if name == "restart":
                         self._stop_unit(agent, _stop_timeout(self.cfg, d))
-                    if self.systemd.status(unit_name(agent)).active_state != "active":
-                        self.start_unit(self.launch_for(d))
+                    if launch is not None:
+                        self.start_unit(launch)
                 except ParError as exc:
                     self.store.fail(d.deployment_id, exc.code, exc.message, exc.field)
                     raise
@@ -411,6 +451,7 @@ class Deployer:
         with self._agent_locks[agent]:
             if d.current:
                 self._stop_unit(agent, _stop_timeout(self.cfg, d))
+                env_file_path(self.cfg, agent).unlink(missing_ok=True)
             if d.current:
                 self.store.clear_current(agent)
             self.store.update(d.deployment_id, desired_state="removed", status="removed")

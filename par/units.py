@@ -77,6 +77,8 @@ class UnitSpec:
     description: str
     argv: list[str]
     environment: dict[str, str] = field(default_factory=dict)
+    # Read by PID 1 at each start; unlike Environment=, not shown to other users.
+    environment_files: tuple[str, ...] = ()
     working_directory: str | None = None
     notify: bool = True
     timeout_start_s: float = 120
@@ -123,6 +125,8 @@ def properties(spec: UnitSpec) -> dict[bytes, object]:
     }
     if spec.notify:
         p["NotifyAccess"] = "main"
+    if spec.environment_files:
+        p["EnvironmentFiles"] = [(path, False) for path in spec.environment_files]
     if spec.working_directory:
         p["WorkingDirectory"] = spec.working_directory
     if spec.syslog_identifier:
@@ -308,25 +312,38 @@ class Systemd:
             )
 
     def wait_active(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
-        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, its start
-        failed, or `timeout`.
+        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, or
+        `timeout`; then return its status, or that of its last failed start attempt.
 
-        A returned start job is not an active unit, hence the wait.  A failed start of a
-        `Restart=on-failure` unit (e.g. a start timeout) never shows `failed` before the
-        start limit: it goes deactivating, then activating/auto-restart, and the next
-        attempt resets `Result` to "success".  So the first sign of failure ends the wait,
-        while `Result` still says why.
+        A returned start job is not an active unit, hence the wait.  Two things make the
+        states subtle:
+        - A failed attempt of a `Restart=on-failure` unit shows as deactivating, then
+          activating/auto-restart, and systemd tries again (a port still held a moment,
+          say); the next attempt resets `Result` to "success".  So the last failed attempt
+          is kept, since it says why; a start *timeout* ends the wait at once (another
+          attempt would only spend the whole boot budget again).
+        - Properties are read one call at a time, and PID 1 answers D-Bus calls before it
+          runs a queued start job: a unit just started reads as "inactive" for a moment.
+          "inactive" counts only once two polls agree on it.
         """
         deadline = time.monotonic() + timeout
-        restarts: int | None = None
+        failed_attempt: UnitStatus | None = None
+        previous: UnitStatus | None = None
         while True:
             st = self.status(name)
-            restarts = st.n_restarts if restarts is None else restarts
-            start_failed = st.sub_state == "auto-restart" or st.n_restarts > restarts or (
-                st.active_state == "deactivating" and st.result not in ("", "success"))
-            if st.active_state in ACTIVE_STATES_FINAL or start_failed \
-                    or time.monotonic() >= deadline:
+            if st.sub_state == "auto-restart" or (
+                    st.active_state == "deactivating" and st.result not in ("", "success")):
+                failed_attempt = st
+                if st.result == "timeout":
+                    return st
+            if st.active_state in ("active", "failed"):
                 return st
+            settled = previous is not None and previous.active_state == "inactive" and \
+                previous.since_usec == st.since_usec != 0
+            if st.active_state == "inactive" and (not st.exists or settled) \
+                    or time.monotonic() >= deadline:
+                return failed_attempt or st
+            previous = st
             time.sleep(poll)
 
     def wait_inactive(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:

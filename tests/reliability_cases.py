@@ -46,7 +46,8 @@ TABLE_MODULES = (
     "tests.integration.test_reliability_load",
     "tests.integration.test_reliability_security",
 )
-CASE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# kebab-case; upper case allowed where an id names an API field (missing-deploymentId)
+CASE_ID_RE = re.compile(r"^[a-z0-9][A-Za-z0-9-]*$")
 MEASURE_PREFIX = "[reliability] "
 
 
@@ -106,7 +107,8 @@ def check_tables(tables: list[Table]) -> list[str]:
     for table in tables:
         for case in table.cases:
             if not CASE_ID_RE.fullmatch(case.id):
-                problems.append(f"{table.key}: case id {case.id!r} is not kebab-case")
+                problems.append(f"{table.key}: case id {case.id!r} does not match "
+                                f"{CASE_ID_RE.pattern}")
             if case.id in seen:
                 problems.append(f"{table.key}: case id {case.id!r} appears twice")
             seen.add(case.id)
@@ -129,7 +131,8 @@ class Result:
 
 
 def _node_id(classname: str, name: str) -> str:
-    """pytest's junit `classname` ("tests.integration.test_x" or "...test_x.Class") + name → node id."""
+    """pytest's junit `classname` ("tests.integration.test_x", or "...test_x.Class") and
+    `name` → the node id."""
     parts = classname.split(".")
     # a class inside the module starts with an upper-case letter
     while parts and parts[-1][:1].isupper():
@@ -152,8 +155,8 @@ def parse_junit(path: Path) -> dict[str, Result]:
                 outcome = "skipped"
                 detail = (child.get("message") or "").strip()
         measures = []
-        for out in tc.iter("system-out"):
-            for line in (out.text or "").splitlines():
+        for captured in tc.iter("system-out"):
+            for line in (captured.text or "").splitlines():
                 if line.startswith(MEASURE_PREFIX):
                     key, _, value = line[len(MEASURE_PREFIX):].partition(": ")
                     measures.append((key.strip(), value.strip()))
@@ -236,14 +239,15 @@ def render_markdown(tables: list[Table], results: dict[str, Result], run_info: s
 
 def documented_case_ids(text: str) -> set[str]:
     """The case ids a rendered document lists (first column of its tables)."""
-    return set(re.findall(r"^\| `([a-z0-9][a-z0-9-]*)` \|", text, flags=re.M))
+    return set(re.findall(r"^\| `([a-z0-9][A-Za-z0-9-]*)` \|", text, flags=re.M))
 
 
-# ---------------------------------------------------------------- helpers for the integration modules
+# ---------------------------------------------------------------- helpers for the tests
 
 
 def measure(name: str, value: object) -> None:
-    """Print a measurement; scripts/reliability-doc copies it into the document (junit system-out)."""
+    """Print a measurement; scripts/reliability-doc copies it into the document (from the
+    junit system-out)."""
     print(f"{MEASURE_PREFIX}{name}: {value}", flush=True)
 
 
@@ -281,7 +285,8 @@ def _decode(data: bytes) -> dict:
 
 
 def raw_request(method: str, path: str, body: bytes | None = None, *,
-                headers: dict[str, str] | None = None, socket_path: Path = Path("/run/par/par.sock"),
+                headers: dict[str, str] | None = None,
+                socket_path: Path = Path("/run/par/par.sock"),
                 tcp: str | None = None, token: str | None = None,
                 timeout: float = 30.0) -> Answer:
     """Send exactly `body` (bytes, not re-encoded) to pard over the unix socket, or over
@@ -309,9 +314,10 @@ def json_body(value: object) -> bytes:
 
 
 def state_listing(state_dir: Path) -> dict[str, list[str]]:
-    """Names in packages/, extracted/ and venvs/ (the venv lock folder is not content)."""
+    """Names in packages/, extracted/, venvs/ and env/ (agents' environment files); the
+    venv lock folder is not content."""
     out = {}
-    for folder in ("packages", "extracted", "venvs"):
+    for folder in ("packages", "extracted", "venvs", "env"):
         path = state_dir / folder
         names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         out[folder] = [n for n in names if n != ".locks"]
@@ -322,7 +328,9 @@ def agent_units() -> list[str]:
     """Every loaded par-agent@ unit (any state)."""
     res = subprocess.run(["systemctl", "list-units", "--all", "--plain", "--no-legend",
                           "par-agent@*"], capture_output=True, text=True, timeout=30)
-    return sorted(line.split()[0] for line in res.stdout.splitlines() if line.strip())
+    # the first word ending in .service: failed units get a "●" before it
+    return sorted(next(w for w in line.split() if w.endswith(".service"))
+                  for line in res.stdout.splitlines() if ".service" in line)
 
 
 @dataclass(frozen=True)
@@ -455,18 +463,22 @@ def retry_until(predicate: Callable[[], object], timeout: float, interval: float
 
 
 @contextlib.contextmanager
-def running_pard(tag: str, config_extra: dict | None = None, *, tcp: bool = True) -> Iterator:
+def running_pard(tag: str, config_extra: dict | None = None, *, tcp: bool = True,
+                 token_file: Path | None = None) -> Iterator:
     """A pard (par.service from the source tree) with `config_extra`, and a TCP listener with
-    the test token when `tcp`; torn down (agents included) at the end."""
+    the test token when `tcp` (read from `token_file`, which then must hold it, else from a
+    file in the test root); torn down (agents included) at the end."""
     from tests.integration.pard import TEST_TOKEN, Pard, free_port, new_root
 
     extra = {k: dict(v) if isinstance(v, dict) else v for k, v in (config_extra or {}).items()}
     p = Pard(new_root(tag), config_extra=extra)
     p.root.mkdir(parents=True, exist_ok=True)
     if tcp:
-        (p.root / "token").write_text(TEST_TOKEN + "\n")
+        if token_file is None:
+            token_file = p.root / "token"
+            token_file.write_text(TEST_TOKEN + "\n")
         p.config_extra.setdefault("listen", {}).update(
-            {"tcp": f"127.0.0.1:{free_port()}", "token_file": str(p.root / "token")})
+            {"tcp": f"127.0.0.1:{free_port()}", "token_file": str(token_file)})
     p.start()
     try:
         yield p

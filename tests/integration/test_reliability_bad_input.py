@@ -92,8 +92,9 @@ def unix(body: bytes | dict, headers: dict[str, str] | None = None) -> Answer:
 
 
 def tcp(ctx: Ctx, body: dict) -> Answer:
-    return raw_request("POST", "/deploy", json_body(body), tcp=ctx.pard.config_extra["listen"]["tcp"],
-                       token=TEST_TOKEN)
+    """POST /deploy over TCP, with the token."""
+    return raw_request("POST", "/deploy", json_body(body),
+                       tcp=ctx.pard.config_extra["listen"]["tcp"], token=TEST_TOKEN)
 
 
 def fields(**changes: object) -> Callable[[Ctx], Answer]:
@@ -145,12 +146,14 @@ def agent_pkg(agent: str, files: Callable[[str], dict[str, str]],
 
 
 def url(agent: str, make_url: Callable[[Ctx], str], **extra: object) -> Callable[[Ctx], Answer]:
+    """A deploy of the package URL `make_url(ctx)` gives."""
     def send(ctx: Ctx) -> Answer:
         return unix(_deploy_body(agent, make_url(ctx), **extra))
     return send
 
 
 def path_request(method: str, path: str) -> Callable[[Ctx], Answer]:
+    """A request without a body to `path` ("{resident}" is the resident agent's id)."""
     return lambda ctx: raw_request(method, path.format(resident=ctx.resident.agent_id))
 
 
@@ -225,8 +228,8 @@ CASES: tuple[BadInput, ...] = (
     BadInput("json-duplicate-key", "`agentAppId` twice (parsers disagree on which wins)",
              lambda ctx: unix(_b()[:-1] + b', "agentAppId": "other"}'), 400, "bad_json",
              message_has="duplicate"),
-    BadInput("json-deep", "100 000 nested arrays", lambda ctx: unix(b"[" * 100_000 + b"]" * 100_000),
-             400, "bad_json"),
+    BadInput("json-deep", "100 000 nested arrays",
+             lambda ctx: unix(b"[" * 100_000 + b"]" * 100_000), 400, "bad_json"),
     BadInput("json-array", "a JSON array", lambda ctx: unix(b"[1, 2]"), 400, "not_object"),
     BadInput("json-string", "a JSON string", lambda ctx: unix(b'"deploy"'), 400, "not_object"),
     BadInput("json-null", "JSON `null`", lambda ctx: unix(b"null"), 400, "not_object"),
@@ -370,7 +373,8 @@ CASES: tuple[BadInput, ...] = (
     BadInput("dotenv-invalid", ".env line without `=`", pkg("bi-dotenv", {".env": "JUST_A_WORD\n"}),
              202, "dotenv_invalid", ".env"),
     BadInput("req-editable", "requirements.txt `-e git+https://...`",
-             pkg("bi-req-editable", {"requirements.txt": "-e git+https://example.com/x.git#egg=x\n"}),
+             pkg("bi-req-editable",
+                 {"requirements.txt": "-e git+https://example.com/x.git#egg=x\n"}),
              202, "requirements_editable", "requirements.txt"),
     BadInput("req-index", "requirements.txt `--index-url http://evil/simple`",
              pkg("bi-req-index", {"requirements.txt": "--index-url http://evil/simple\nx\n"}),

@@ -44,7 +44,8 @@ def launch(tmp_path: Path, **kw) -> agent_unit.AgentLaunch:
 
 def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     cfg = with_state_dir(Config(), tmp_path)
-    spec = agent_unit.unit_spec(cfg, launch(tmp_path, memory_mb=256, cpu_units=512, stop_timeout_s=7))
+    the_launch = launch(tmp_path, memory_mb=256, cpu_units=512, stop_timeout_s=7)
+    spec = agent_unit.unit_spec(cfg, the_launch)
     props = properties(spec)
     for key in props:
         assert key in SIGNATURES, key
@@ -60,8 +61,13 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert props[b"ExecStart"][0][1][-2:] == ["-m", "par_agent_host"]
     assert b"PAR_AGENT_APP_ID=hello" in props[b"LogExtraFields"]
     env = dict(e.split("=", 1) for e in props[b"Environment"])
-    # PAR's variables win over the package's
-    assert env["REST_PORT"] == "8100" and env["FOO"] == "bar"
+    # the agent's own variables (secrets, often) are not in Environment=, which any user
+    # can read, but in a root-only EnvironmentFile=; PAR's variables win over the package's
+    assert env["REST_PORT"] == "8100" and "FOO" not in env
+    assert props[b"EnvironmentFiles"] == [(str(tmp_path / "env" / "hello.env"), False)]
+    assert agent_unit.env_file_text(cfg, the_launch) == 'FOO="bar"\n'
+    path = agent_unit.write_env_file(cfg, the_launch)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     assert env["PYTHONPATH"] == str(agent_unit.HOST_DIR)
     assert env["BASE_PATH"] == "/agents/hello"
 
