@@ -26,15 +26,12 @@ import json
 import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,34 +405,6 @@ def wait_status(client, deployment_id: str, statuses: tuple[str, ...] = ("health
         time.sleep(0.1)
 
 
-class _FilesHandler(SimpleHTTPRequestHandler):
-    """Serves a folder; `/slow/<file>` answers only after `slow_s`; anything else missing is 404."""
-
-    slow_s = 0.0
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.path.startswith("/slow/"):
-            time.sleep(self.slow_s)
-            self.path = self.path[len("/slow"):]
-        super().do_GET()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve_files(folder: Path, slow_s: float = 0.0) -> Iterator[str]:
-    """Serve `folder` on 127.0.0.1 (pard shares the network); yields the base URL."""
-    handler = type("Handler", (_FilesHandler,), {"slow_s": slow_s})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def journal_since(unit: str, cursor: str | None = None) -> tuple[str, str]:

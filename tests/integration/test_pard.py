@@ -3,20 +3,14 @@ restarts of the daemon, "reboots", kill -9 in every phase, concurrency."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import sqlite3
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +20,7 @@ from tests.wheels import build_hanging_sdist, build_wheel
 
 from . import agents
 from .conftest import wait_for
-from .pard import TEST_TOKEN, Pard, agent_get, apkg_with, sh
+from .pard import TEST_TOKEN, Pard, agent_get, apkg_with, serve_files, sh
 
 TOKEN = TEST_TOKEN
 
@@ -44,30 +38,6 @@ def tcp_post(pard: Pard, path: str, body: dict, token: str | None = TOKEN) -> tu
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-class _SlowHandler(SimpleHTTPRequestHandler):
-    delay = 0.0
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        time.sleep(self.delay)
-        super().do_GET()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve(folder: Path, delay: float = 0.0) -> Iterator[str]:
-    """Serve `folder` over HTTP on 127.0.0.1 (pard shares the network namespace)."""
-    handler = type("H", (_SlowHandler,), {"delay": delay})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def body(agent: str, url: str, version: str = "1.0.0", **extra) -> dict:
@@ -120,7 +90,7 @@ def test_hello_agent_deploys_healthy(pard: Pard) -> None:
 
 def test_tcp_needs_the_token_and_refuses_file_urls(pard: Pard) -> None:
     apkg = pard.pack("hello-agent")
-    with serve(apkg.parent) as base:
+    with serve_files(apkg.parent) as base:
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token=None)
         assert code == 401 and err["error"]["code"] == "unauthorized"
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token="wrong")
@@ -210,8 +180,8 @@ def test_reboot_recreates_agents_on_their_ports(pard: Pard) -> None:
 
 def test_kill9_while_downloading(pard: Pard) -> None:
     apkg = pard.pack("hello-agent")
-    with serve(apkg.parent, delay=30) as base:
-        b = body("dl-victim", f"{base}/{apkg.name}")
+    with serve_files(apkg.parent, slow_s=30) as base:
+        b = body("dl-victim", f"{base}/slow/{apkg.name}")
         pard.client().deploy(b)
         wait_for(lambda: pard.client().deployment(b["deploymentId"])["status"] == "downloading")
         kill9_pard(pard)

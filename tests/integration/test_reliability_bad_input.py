@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import agents
-from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, free_port, new_root
+from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, free_port, new_root, serve_files
 from tests.reliability_cases import (
     Answer,
     Case,
@@ -39,7 +39,6 @@ from tests.reliability_cases import (
     param_node,
     raw_request,
     running_pard,
-    serve_files,
     wait_status,
 )
 from tests.unit.apkg_factory import GOOD_MAIN, GOOD_MANIFEST, Entry, package, pkware_unix_extra, \

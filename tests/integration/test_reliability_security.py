@@ -305,7 +305,7 @@ def test_agent_other_agent(world: World) -> None:
     home_b = world.invoke(b, op="env", name="HOME")["value"]
     assert world.invoke(b, op="write", path=f"{home_b}/mine")["ok"]
     state = world.pard.state
-    for path in (f"{home_b}/mine", f"/var/lib/private/par-agent/sc-b/mine",
+    for path in (f"{home_b}/mine", "/var/lib/private/par-agent/sc-b/mine",
                  f"{state}/extracted/sc-b@1.0.0/src/main.py",
                  f"{state}/venvs/{b['venv']}/pyvenv.cfg"):
         assert refused(world.invoke(a, op="read", path=path)), path
