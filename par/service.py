@@ -76,11 +76,11 @@ class ParService:
         return self.deployer.remove(ident, purge)
 
     def agents(self) -> list[dict]:
+        currents = sorted(self.store.currents(), key=lambda x: x.agent_app_id)
+        live = self.systemd.statuses([unit_name(d.agent_app_id) for d in currents])
         out = []
-        for d in sorted(self.store.currents(), key=lambda x: x.agent_app_id):
-            name = unit_name(d.agent_app_id)
-            st = self.systemd.status(name)
-            res = self.systemd.resources(name) if st.active_state == "active" else None
+        for d in currents:
+            st, res = live[unit_name(d.agent_app_id)]
             out.append({
                 "agentAppId": d.agent_app_id,
                 "deployment": d.to_api(),

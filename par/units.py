@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from pystemd.dbuslib import DBus, apply_signature
+from pystemd.dbuslib import DBus, apply_signature, path_encode
 from pystemd.systemd1 import Manager, Unit
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES
 
@@ -388,25 +388,29 @@ class Systemd:
         """The unit's current state; a unit systemd does not know has load_state `not-found`."""
         try:
             with DBus() as bus:
-                unit = Unit(name.encode(), bus=bus, _autoload=True)
-                u, s = unit.Unit, unit.Service
-                return UnitStatus(
-                    name=name,
-                    load_state=_s(u.LoadState),
-                    active_state=_s(u.ActiveState),
-                    sub_state=_s(u.SubState),
-                    main_pid=int(s.MainPID),
-                    n_restarts=int(s.NRestarts),
-                    result=_s(s.Result),
-                    exec_main_status=int(s.ExecMainStatus),
-                    since_usec=int(u.StateChangeTimestamp),
-                    status_text=_s(s.StatusText),
-                )
+                return _read_status(bus, name)
+        except ParError:
+            raise
         except Exception as exc:
-            # Unknown or garbage-collected transient units have no object to read.
-            if "NoSuchUnit" in repr(exc) or "not loaded" in str(exc) or "UnknownObject" in repr(exc):
-                return UnitStatus(name, "not-found", "inactive", "dead", 0, 0, "", 0, 0, "")
             raise ParError("systemd_error", f"cannot read {name}: {_dbus_message(exc)}", None, 500) from exc
+
+    def statuses(self, names: list[str]) -> dict[str, tuple[UnitStatus, Resources | None]]:
+        """State and (for running units) resources of many units over one bus connection."""
+        out: dict[str, tuple[UnitStatus, Resources | None]] = {}
+        try:
+            with DBus() as bus:
+                for name in names:
+                    st = _read_status(bus, name)
+                    res = None
+                    if st.active_state in ("active", "activating", "reloading"):
+                        res = _resources(_cgroup_pids(bus, name, st.main_pid))
+                    out[name] = (st, res)
+        except ParError:
+            raise
+        except Exception as exc:
+            raise ParError("systemd_error", f"cannot read agent units: {_dbus_message(exc)}", None,
+                           500) from exc
+        return out
 
     def list_agent_units(self) -> list[str]:
         """Names of every loaded `par-agent@*.service` unit."""
@@ -422,41 +426,82 @@ class Systemd:
 
     def resources(self, name: str) -> Resources:
         """RSS and CPU time of all processes in the unit's cgroup (psutil)."""
-        pids = self._cgroup_pids(name)
-        rss = 0
-        cpu = 0.0
-        alive: list[int] = []
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    rss += proc.memory_info().rss
-                    t = proc.cpu_times()
-                    cpu += t.user + t.system
-                alive.append(pid)
-            except psutil.Error:
-                continue  # exited between the listing and the read
-        return Resources(tuple(alive), rss, round(cpu, 3))
+        with DBus() as bus:
+            st = _read_status(bus, name)
+            return _resources(_cgroup_pids(bus, name, st.main_pid))
 
-    def _cgroup_pids(self, name: str) -> list[int]:
-        cgroup = _s(self.property(name, "Service", "ControlGroup"))
-        if not cgroup:
-            return []
-        root = _cgroup2_root()
-        if root is not None:
-            procs = root / cgroup.lstrip("/") / "cgroup.procs"
-            try:
-                return [int(x) for x in procs.read_text().split()]
-            except OSError:
-                pass
-        main = self.status(name).main_pid
-        if not main:
-            return []
+
+_DEST = b"org.freedesktop.systemd1"
+_UNIT_PATH = b"/org/freedesktop/systemd1/unit"
+
+
+def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) -> object:
+    """One property of a unit.  Plain Get calls on an open connection: pystemd's Unit
+    objects introspect the unit first, which costs more than the reads themselves."""
+    path = path_encode(_UNIT_PATH, name.encode())
+    return bus.get_property(_DEST, path, b"org.freedesktop.systemd1." + interface, prop, signature)
+
+
+def _read_status(bus: DBus, name: str) -> UnitStatus:
+    try:
+        load_state = _s(_get(bus, name, b"Unit", b"LoadState", b"s"))
+    except Exception as exc:
+        # Unknown or garbage-collected transient units may have no object to read.
+        if "NoSuchUnit" in repr(exc) or "not loaded" in str(exc) or "UnknownObject" in repr(exc):
+            return UnitStatus(name, "not-found", "inactive", "dead", 0, 0, "", 0, 0, "")
+        raise
+    unit = {prop: _get(bus, name, b"Unit", prop.encode(), sig)
+            for prop, sig in (("ActiveState", b"s"), ("SubState", b"s"),
+                              ("StateChangeTimestamp", b"t"))}
+    svc = {prop: _get(bus, name, b"Service", prop.encode(), sig)
+           for prop, sig in (("MainPID", b"u"), ("NRestarts", b"u"), ("Result", b"s"),
+                             ("ExecMainStatus", b"i"), ("StatusText", b"s"))}
+    return UnitStatus(
+        name=name,
+        load_state=load_state,
+        active_state=_s(unit["ActiveState"]),
+        sub_state=_s(unit["SubState"]),
+        main_pid=int(svc["MainPID"]),
+        n_restarts=int(svc["NRestarts"]),
+        result=_s(svc["Result"]),
+        exec_main_status=int(svc["ExecMainStatus"]),
+        since_usec=int(unit["StateChangeTimestamp"]),
+        status_text=_s(svc["StatusText"]),
+    )
+
+
+def _cgroup_pids(bus: DBus, name: str, main_pid: int) -> list[int]:
+    """PIDs in the unit's cgroup (falls back to the main process and its children)."""
+    cgroup = _s(_get(bus, name, b"Service", b"ControlGroup", b"s"))
+    root = _cgroup2_root()
+    if cgroup and root is not None:
         try:
-            proc = psutil.Process(main)
-            return [main] + [c.pid for c in proc.children(recursive=True)]
+            return [int(x) for x in (root / cgroup.lstrip("/") / "cgroup.procs").read_text().split()]
+        except OSError:
+            pass
+    if not main_pid:
+        return []
+    try:
+        return [main_pid] + [c.pid for c in psutil.Process(main_pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _resources(pids: list[int]) -> Resources:
+    rss = 0
+    cpu = 0.0
+    alive: list[int] = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                rss += proc.memory_info().rss
+                t = proc.cpu_times()
+                cpu += t.user + t.system
+            alive.append(pid)
         except psutil.Error:
-            return []
+            continue  # exited between the listing and the read
+    return Resources(tuple(alive), rss, round(cpu, 3))
 
 
 def _cgroup2_root() -> Path | None:
