@@ -195,6 +195,8 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         # The agent sees PAR's state and cache as empty read-only folders, except
         # its own package and venv, bound back read-only.
         hide_paths=(str(state), str(cfg.paths.cache_dir)),
-        read_only_binds=(str(launch.package_root), str(launch.venv_path)),
+        # The host too: wherever PAR is installed (a checkout under /tmp, say), the
+        # agent's private /tmp or hidden folders must not hide it.
+        read_only_binds=(str(launch.package_root), str(launch.venv_path), str(HOST_DIR)),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
     )

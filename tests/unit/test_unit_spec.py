@@ -70,6 +70,8 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     assert env["PYTHONPATH"] == str(agent_unit.HOST_DIR)
     assert env["BASE_PATH"] == "/agents/hello"
+    # the host is bound into the agent's namespace (its folder may be under /tmp)
+    assert (str(agent_unit.HOST_DIR), str(agent_unit.HOST_DIR), False, 0) in props[b"BindReadOnlyPaths"]
 
 
 def test_host_dir_holds_only_the_host() -> None:
