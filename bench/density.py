@@ -91,6 +91,7 @@ def run(pard: BenchPard, sizes: Sizes) -> DensityResult:
     n = sizes.density_agents
     apkg = pard.pack(HELLO_AGENT)
     totals, per_deploy, round_rss = [], [], []
+    records: list[dict] = []  # the previous round's agents, removed before the next
     for r in range(sizes.density_runs):
         if r:
             remove_all(pard, records)
