@@ -330,6 +330,7 @@ class BenchPard(Pard):
                 empty.rmdir()  # only when nothing else is left in it
             except OSError:
                 pass
+        self.remove_unit_dirs()
 
 
 def prerequisites() -> list[str]:

@@ -148,12 +148,21 @@ class Pard:
         UNIT_PATH.unlink(missing_ok=True)
         sh("systemctl", "daemon-reload", check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            IT_ROOT.rmdir()  # only when no other test's pard is left in it
+        except OSError:
+            pass
         # agents' StateDirectory= folders (DynamicUser keeps them under /var/lib/private)
         for base in (Path("/var/lib/private/par-agent"), Path("/var/lib/par-agent")):
             shutil.rmtree(base, ignore_errors=True)
+        self.remove_unit_dirs()
+
+    @staticmethod
+    def remove_unit_dirs() -> None:
+        """par.service's StateDirectory=/CacheDirectory= create these; remove them if empty."""
         for empty in (Path("/var/lib/pixell-runtime"), Path("/var/cache/pixell-runtime")):
             try:
-                empty.rmdir()  # created by the unit's State/CacheDirectory=; only if empty
+                empty.rmdir()
             except OSError:
                 pass
 
