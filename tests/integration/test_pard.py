@@ -252,3 +252,35 @@ def test_unknown_ids_are_404(pard: Pard) -> None:
     with pytest.raises(ApiError) as exc:
         pard.client().deployment("no-such-agent")
     assert exc.value.status == 404
+
+
+def test_status_line_and_metrics(pard: Pard) -> None:
+    out = sh("systemctl", "status", "par.service", "--no-pager", check=False).stdout
+    assert "agent(s) healthy" in out, out
+    metrics = pard.client().metrics()
+    assert 'par_deployments{status="healthy"}' in metrics
+    for name in ("par_venv_builds_total", "par_venv_hits_total", "par_deploys_total"):
+        assert name in metrics
+
+
+def test_bad_config_is_refused_naming_the_key(pard: Pard) -> None:
+    good = pard.config_path.read_text()
+    pard.stop()
+    try:
+        pard.config_path.write_text(good + "bogus_section: 1\ninstaller_extra: {}\n")
+        res = sh("systemctl", "start", "par.service", check=False, timeout=60)
+        assert res.returncode != 0
+        wait_for(lambda: "bogus_section" in pard.journal(lines=20))
+        show = sh("systemctl", "show", "par.service", "-p", "ExecMainStatus", "-p", "ActiveState",
+                  "-p", "NRestarts").stdout
+        assert "ExecMainStatus=2" in show and "ActiveState=failed" in show
+        assert "NRestarts=0" in show  # RestartPreventExitStatus=2: no restart loop
+        pard.config_path.write_text(good.replace("timeout_s: 120", "timeout_s: soon"))
+        sh("systemctl", "reset-failed", "par.service", check=False)
+        assert sh("systemctl", "start", "par.service", check=False, timeout=60).returncode != 0
+        wait_for(lambda: "installer.timeout_s" in pard.journal(lines=20))
+    finally:
+        pard.config_path.write_text(good)
+        sh("systemctl", "reset-failed", "par.service", check=False)
+        pard.start()
+    assert pard.client().daemon_health()["ok"] is True
