@@ -12,15 +12,14 @@ import io
 import os
 import re
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.httpfiles import serve_files
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / ".cache" / "wheelhouse"
@@ -117,11 +116,6 @@ def build_hanging_sdist(dest: Path, name: str = "hangpkg", version: str = "1.0")
     return path
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @contextmanager
 def serve_index(dists: Path, root: Path) -> Iterator[str]:
     """Serve the wheels and sdists in `dists` as a PEP 503 simple index on
@@ -141,14 +135,8 @@ def serve_index(dists: Path, root: Path) -> Iterator[str]:
         page = root / "simple" / project / "index.html"
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text("<!DOCTYPE html><html><body>" + "".join(links) + "</body></html>")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/simple"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_files(root) as base:
+        yield f"{base}/simple"
 
 
 def _required(path: Path, what: str) -> Path:
