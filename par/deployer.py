@@ -274,9 +274,11 @@ class Deployer:
             if previous is not None and was_serving:
                 self._roll_back(did, previous)
             raise
+        # current first: a client that sees `healthy` must also see it current (a pard
+        # killed in between leaves it `starting` with its unit up: reconcile finishes it)
+        self.store.set_current(agent, did)
         self.store.end_phase(did, "starting")
         self.store.update(did, status="healthy")
-        self.store.set_current(agent, did)
         if previous is not None:
             self.store.update(previous.deployment_id, status="stopped")
         self.store.add_event(did, agent, "Agent subprocess started", pid=st.main_pid, ports=ports,
