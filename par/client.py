@@ -39,10 +39,10 @@ class DaemonUnreachable(ParError):
         super().__init__("daemon_unreachable", message, None, 503)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     """An HTTP/1.1 connection whose transport is an AF_UNIX stream socket."""
 
-    def __init__(self, socket_path: Path, timeout: float) -> None:
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
         # The host only fills the Host header; pard ignores it on the socket.
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
@@ -183,7 +183,7 @@ class Client:
         if body is not None:
             payload = json.dumps(body).encode()
             send_headers["Content-Type"] = "application/json"
-        conn = _UnixHTTPConnection(self.socket_path, max(timeout or 0, self.timeout))
+        conn = UnixHTTPConnection(self.socket_path, max(timeout or 0, self.timeout))
         try:
             conn.request(method, target, body=payload, headers=send_headers)
             resp = conn.getresponse()

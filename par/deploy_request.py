@@ -271,6 +271,10 @@ def _int_in(body: dict, name: str, bounds: tuple[int, int]) -> int | None:
     value = _optional(body, name)
     if value is None:
         return None
+    return _checked_int(name, value, bounds)
+
+
+def _checked_int(name: str, value: object, bounds: tuple[int, int]) -> int:
     low, high = bounds
     # bool is an int subclass in Python; JSON true is not a number.
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -289,7 +293,6 @@ def _ports(surfaces: object) -> dict[str, int]:
     if not isinstance(ports, dict):
         raise _invalid("surfaces.ports", "surfaces.ports must be an object")
     out: dict[str, int] = {}
-    low, high = PORT_RANGE
     for key, value in ports.items():
         name = f"surfaces.ports.{key}"
         # An unknown port name is most likely a typo; ignoring it would allocate silently.
@@ -297,9 +300,7 @@ def _ports(surfaces: object) -> dict[str, int]:
             raise _invalid(name, f"{name}: unknown surface (known: {', '.join(PORT_NAMES)})")
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise _invalid(name, f"{name} must be an integer from {low} to {high}")
-        out[key] = value
+        out[key] = _checked_int(name, value, PORT_RANGE)
     if len(set(out.values())) != len(out):
         raise _invalid("surfaces.ports", "surfaces.ports must not repeat a port")
     return out

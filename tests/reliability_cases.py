@@ -24,7 +24,6 @@ import http.client
 import importlib
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,6 +32,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from par.client import UnixHTTPConnection
 
 REPO = Path(__file__).resolve().parent.parent
 DOC_PATH = REPO / "docs" / "reliability.md"
@@ -262,17 +263,6 @@ class Answer:
         return err if isinstance(err, dict) else {}
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
-
-
 def _decode(data: bytes) -> dict:
     try:
         value = json.loads(data or b"{}")
@@ -296,7 +286,7 @@ def raw_request(method: str, path: str, body: bytes | None = None, *,
         if token is not None:
             send["Authorization"] = f"Bearer {token}"
     else:
-        conn = _UnixConnection(socket_path, timeout)
+        conn = UnixHTTPConnection(socket_path, timeout)
     try:
         conn.request(method, path, body=body, headers=send)
         resp = conn.getresponse()

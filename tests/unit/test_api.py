@@ -21,6 +21,7 @@ import requests
 
 from par import log
 from par.api import ApiServer
+from par.client import UnixHTTPConnection
 from par.config import Config
 from par.deploy_request import DeployRequest
 from par.errors import NotFound, ParError
@@ -100,19 +101,6 @@ class FakeService:
         return {"path": "/x/uv", "version": "0.5"}
 
 
-class UnixConnection(http.client.HTTPConnection):
-    """http.client over an AF_UNIX socket (what parctl does)."""
-
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
-
-
 @dataclass
 class Reply:
     status: int
@@ -137,7 +125,7 @@ class Env:
 
     def unix(self, method: str, path: str, body: object = None, headers: dict | None = None,
              raw: bytes | None = None) -> Reply:
-        return self._send(UnixConnection(self.sock), method, path, body, headers, raw)
+        return self._send(UnixHTTPConnection(self.sock, 5.0), method, path, body, headers, raw)
 
     def tcp(self, method: str, path: str, body: object = None, headers: dict | None = None,
             token: str | None = TOKEN, raw: bytes | None = None) -> Reply:
@@ -552,7 +540,7 @@ def test_one_log_line_per_request_without_body_or_token(env: Env) -> None:
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(env: Env) -> None:
-    conn = UnixConnection(env.sock)
+    conn = UnixHTTPConnection(env.sock, 5.0)
     try:
         for path in ("/health", "/agents", "/deployments/d-1"):
             conn.request("GET", path)
@@ -608,7 +596,7 @@ def test_stale_socket_is_replaced_and_removed_on_shutdown(folder: Path) -> None:
     api = _api()
     api.serve_unix(path)
     try:
-        conn = UnixConnection(path)
+        conn = UnixHTTPConnection(path, 5.0)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
         conn.close()

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from par.client import ApiError, Client, DaemonUnreachable, _UnixHTTPConnection
+from par.client import ApiError, Client, DaemonUnreachable, UnixHTTPConnection
 
 # -- the fake daemon -----------------------------------------------------------
 
@@ -352,10 +352,10 @@ def test_refused_connection_is_daemon_unreachable(sockdir: Path) -> None:
 def test_permission_denied_is_daemon_unreachable(sockdir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests may run as root, for whom a 0600 socket is always open: simulate the refusal.
-    def refuse(self: _UnixHTTPConnection) -> None:
+    def refuse(self: UnixHTTPConnection) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(_UnixHTTPConnection, "connect", refuse)
+    monkeypatch.setattr(UnixHTTPConnection, "connect", refuse)
     with pytest.raises(DaemonUnreachable) as info:
         Client(sockdir / "par.sock").agents()
     assert "permission denied" in info.value.message and "root" in info.value.message
