@@ -7,8 +7,9 @@
 
 Packages come from the same local wheelhouse as PAR's (`--no-index
 --find-links`), so both sides install the same files offline.  The child is
-PAR's own agent host run from the legacy venv (no systemd, no sandbox), so
-both sides run exactly the same agent code: only the orchestration differs.
+PAR's own agent host run from the legacy venv (no systemd, no sandbox), from
+a compiled copy like pard's, so both sides run exactly the same agent code:
+only the orchestration differs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.venv_build import legacy_build
 from par import config
 from par.agent_unit import AgentLaunch, environment, write_host_spec
 from par.fsutil import remove_tree
+from par.host_files import install_host
 from par.manifest import load_manifest
 
 FIRST_POLL_DELAY_S = 0.1
@@ -47,10 +49,14 @@ class LegacyRuntime:
     work: Path
     wheelhouse: Path
     cache: Path = field(init=False)
+    cfg: config.Config = field(init=False)
+    host_dir: Path = field(init=False)  # the compiled agent host, as pard installs it
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.cache = self.work / "pip-cache"
+        self.cfg = config.with_state_dir(config.from_dict(None), self.work / "state")
+        self.host_dir = install_host(self.cfg)
 
     def build_venv(self, venv: Path, requirements: str) -> float:
         """`python -m venv` + `pip install --cache-dir -r`; seconds."""
@@ -72,7 +78,7 @@ class LegacyRuntime:
 
     def start(self, venv: Path, agent_folder: Path, agent_id: str) -> Child:
         """Start the agent in `venv` as a child process on a free port."""
-        cfg = config.from_dict(None)
+        cfg = self.cfg
         manifest = load_manifest(agent_folder)
         ports = {"rest": free_port(), "a2a": free_port(), "ui": free_port()}
         launch = AgentLaunch(
@@ -80,7 +86,7 @@ class LegacyRuntime:
             name=manifest.name, version=manifest.version or "1.0.0", package_root=agent_folder,
             venv_path=venv, ports=ports, entrypoint=manifest.entrypoint,
             rest_entry=manifest.rest_entry, a2a_service=manifest.a2a_service,
-            ui_path=manifest.ui_path, env=dict(manifest.environment),
+            ui_path=manifest.ui_path, env=dict(manifest.environment), host_dir=self.host_dir,
         )
         write_host_spec(launch)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **environment(cfg, launch),

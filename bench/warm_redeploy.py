@@ -13,25 +13,17 @@ bookkeeping and its polling of systemd).
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from bench.baseline import LegacyRuntime
 from bench.common import (HELLO_AGENT, BenchPard, Row, Section, Sizes, Stats, ratio,
                           start_to_ready)
-from par.units import Systemd
 
 TARGET_S = 0.2
 POLL_S = 0.005  # fine enough for a target of 0.2 s
 STOPPED_EVENT = "Stopped previous deployment"
-
-
-def poll_ms(wait: Callable) -> float:
-    """The default polling interval of one of pard's waits on systemd, in ms."""
-    return inspect.signature(wait).parameters["poll"].default * 1000
 
 
 def stop_seconds(pard: BenchPard, record: dict) -> float:
@@ -99,11 +91,10 @@ def run(pard: BenchPard, legacy: LegacyRuntime, sizes: Sizes, work: Path,
         notes=[f"PAR's new unit needs {ready_s.median:.3f} s from fork to READY where the same "
                f"agent host as a plain child answers `/health` after "
                f"{Stats.of(b_ready).median:.3f} s, backoff polling included: systemd first "
-               "sets up the unit's sandbox (dynamic user, mount namespace, read-only binds). "
-               f"The rest ({Stats.of(rest).median:.3f} s): package and venv checks (the venv's "
-               "python runs once to validate it), store writes, and waiting: pard polls "
-               f"systemd every {poll_ms(Systemd.wait_inactive):g} ms for the old unit to be "
-               f"inactive and every {poll_ms(Systemd.wait_active):g} ms for the new one to be "
-               "active."],
+               "sets up the unit's sandbox (its own user, mount namespace, read-only binds, "
+               "seccomp filter), then the host starts from its compiled copy. "
+               f"The rest ({Stats.of(rest).median:.3f} s): package and venv checks, store "
+               "writes, the unit's start request, and noticing the state changes (pard "
+               "waits on systemd's PropertiesChanged signals for the unit, no polling)."],
         seconds=time.monotonic() - started,
     )

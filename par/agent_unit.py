@@ -22,10 +22,9 @@ from pathlib import Path
 
 from par.config import Config
 from par.fsutil import atomic_write_text
+from par.host_files import HOST_SOURCE
 from par.units import UnitSpec, unit_name
 
-# The folder that goes on the agent's PYTHONPATH: it holds `par_agent_host` alone.
-HOST_DIR = Path(__file__).resolve().parent / "agent_host"
 SPEC_FILENAME = "par-agent.json"
 ENV_DIR = "env"  # below state_dir: the agents' EnvironmentFile=s
 # The host's permanent failures (see par_agent_host/exitcodes.py): restarting
@@ -64,6 +63,9 @@ class AgentLaunch:
     memory_mb: int | None = None
     cpu_units: int | None = None
     stop_timeout_s: int | None = None
+    # The folder put on the agent's PYTHONPATH, holding `par_agent_host` alone: pard
+    # passes its compiled copy (par/host_files.py); the source tree is for other callers.
+    host_dir: Path = HOST_SOURCE
 
 
 def dynamic_user_name(agent_id: str) -> str:
@@ -156,7 +158,7 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
         "MULTIPLEXED": "false",
         "PAR_BIND_ADDRESS": cfg.ports.bind_address,
         "PAR_AGENT_SPEC": str(spec_path(launch.package_root)),
-        "PYTHONPATH": str(HOST_DIR),
+        "PYTHONPATH": str(launch.host_dir),
         "PYTHONUNBUFFERED": "1",
         # the venv is read-only to the agent; bytecode was compiled at build time
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -197,6 +199,6 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         hide_paths=(str(state), str(cfg.paths.cache_dir)),
         # The host too: wherever PAR is installed (a checkout under /tmp, say), the
         # agent's private /tmp or hidden folders must not hide it.
-        read_only_binds=(str(launch.package_root), str(launch.venv_path), str(HOST_DIR)),
+        read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir)),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
     )

@@ -28,6 +28,7 @@ from par import __version__, config, extract, fetch, log
 from par.api import ApiServer
 from par.deployer import Deployer
 from par.errors import ParError
+from par.host_files import install_host
 from par.reconcile import reconcile
 from par.service import ParService
 from par.store import Store
@@ -92,8 +93,9 @@ class Daemon:
             log.event(self.logger, "Cache and venvs on different filesystems", logging.WARNING,
                       cache_dir=str(cfg.paths.cache_dir), venvs=str(cfg.paths.venvs),
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
+        host = install_host(cfg)
         venvs = VenvManager(cfg, self.logger)
-        self.deployer = Deployer(cfg, self.store, Systemd(), venvs, self.logger)
+        self.deployer = Deployer(cfg, self.store, Systemd(), venvs, self.logger, host)
         report = reconcile(self.deployer, self.logger)
         service = ParService(self.deployer)
         self.api = ApiServer(service, cfg, self.logger)

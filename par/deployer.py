@@ -65,8 +65,9 @@ class Deployer:
     """Runs deploys and actions against the store, the venvs and systemd."""
 
     def __init__(self, cfg: Config, store: Store, systemd: Systemd, venvs: VenvManager,
-                 logger: logging.Logger) -> None:
+                 logger: logging.Logger, host_dir: Path) -> None:
         self.cfg = cfg
+        self.host_dir = host_dir  # the compiled agent host agents run (host_files.install_host)
         self.store = store
         self.systemd = systemd
         self.venvs = venvs
@@ -226,7 +227,7 @@ class Deployer:
             ports=ports, entrypoint=manifest.entrypoint, rest_entry=manifest.rest_entry,
             a2a_service=manifest.a2a_service, ui_path=manifest.ui_path, env=env,
             memory_mb=d.request.get("memoryMB"), cpu_units=d.request.get("cpuUnits"),
-            stop_timeout_s=d.request.get("stopTimeoutSec"),
+            stop_timeout_s=d.request.get("stopTimeoutSec"), host_dir=self.host_dir,
         )
 
     def launch_for(self, d: Deployment) -> AgentLaunch:

@@ -14,7 +14,7 @@ keeps its own additions and builds the StartTransientUnit message itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,8 +311,8 @@ class Systemd:
                 args,
             )
 
-    def wait_active(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
-        """Poll until the unit is `active` (READY for Type=notify), `failed` or gone, or
+    def wait_active(self, name: str, timeout: float) -> UnitStatus:
+        """Wait until the unit is `active` (READY for Type=notify), `failed` or gone, or
         `timeout`; then return its status, or that of its last failed start attempt.
 
         A returned start job is not an active unit, hence the wait.  Two things make the
@@ -322,38 +322,63 @@ class Systemd:
           say); the next attempt resets `Result` to "success".  So the last failed attempt
           is kept, since it says why; a start *timeout* ends the wait at once (another
           attempt would only spend the whole boot budget again).
-        - Properties are read one call at a time, and PID 1 answers D-Bus calls before it
-          runs a queued start job: a unit just started reads as "inactive" for a moment.
-          "inactive" counts only once two polls agree on it.
+        - PID 1 answers D-Bus calls before it runs a queued start job: a unit just
+          started reads as "inactive" for a moment.  "inactive" is final only once the
+          unit has no job left (the job is read before the state, so a job that ends
+          between the two reads cannot be missed).
         """
-        deadline = time.monotonic() + timeout
         failed_attempt: UnitStatus | None = None
-        previous: UnitStatus | None = None
-        while True:
-            st = self.status(name)
-            if st.sub_state == "auto-restart" or (
-                    st.active_state == "deactivating" and st.result not in ("", "success")):
-                failed_attempt = st
-                if st.result == "timeout":
+        with self._watch(name) as changes:
+            for bus in changes(timeout):
+                pending = _job_pending(bus, name)
+                st = _read_status(bus, name)
+                if st.sub_state == "auto-restart" or (
+                        st.active_state == "deactivating" and st.result not in ("", "success")):
+                    failed_attempt = st
+                    if st.result == "timeout":
+                        return st
+                if st.active_state in ("active", "failed"):
                     return st
-            if st.active_state in ("active", "failed"):
-                return st
-            settled = previous is not None and previous.active_state == "inactive" and \
-                previous.since_usec == st.since_usec != 0
-            if st.active_state == "inactive" and (not st.exists or settled) \
-                    or time.monotonic() >= deadline:
-                return failed_attempt or st
-            previous = st
-            time.sleep(poll)
+                if st.active_state == "inactive" and not pending:
+                    return failed_attempt or st
+        return failed_attempt or st
 
-    def wait_inactive(self, name: str, timeout: float, poll: float = 0.05) -> UnitStatus:
-        """Poll until the unit is inactive, failed or unloaded, or `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status(name)
-            if st.active_state in ("inactive", "failed") or time.monotonic() >= deadline:
-                return st
-            time.sleep(poll)
+    def wait_inactive(self, name: str, timeout: float) -> UnitStatus:
+        """Wait until the unit is inactive, failed or unloaded, or `timeout`."""
+        with self._watch(name) as changes:
+            for bus in changes(timeout):
+                st = _read_status(bus, name)
+                if st.active_state in ("inactive", "failed"):
+                    return st
+        return st
+
+    @contextmanager
+    def _watch(self, name: str) -> Iterator[Callable[[float], Iterator[DBus]]]:
+        """A bus subscribed to the unit's property changes, and an iterator over it.
+
+        `changes(timeout)` yields the bus at once, then each time systemd signals a
+        change of the unit (or after MAX_WAIT_S without one, should a signal be
+        missed), until `timeout` has passed.  Each yield is the moment to read the
+        unit's state again: waits end as soon as the state does, with no polling.
+        """
+        with self._bus() as bus:
+            bus.call_method(_DEST, b"/org/freedesktop/systemd1", _MANAGER, b"Subscribe", [])
+            bus.match_signal(_DEST, path_encode(_UNIT_PATH, name.encode()),
+                             b"org.freedesktop.DBus.Properties", b"PropertiesChanged",
+                             _ignore_signal)
+
+            def changes(timeout: float) -> Iterator[DBus]:
+                deadline = time.monotonic() + timeout
+                while True:
+                    yield bus
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    bus.wait(int(min(remaining, MAX_WAIT_S) * 1_000_000))
+                    while not bus.process().is_empty():
+                        pass  # drain: the signals only say "read again"
+
+            yield changes
 
     def stop(self, name: str, wait_s: float | None = None) -> UnitStatus:
         """Stop a unit (SIGTERM, then SIGKILL after its TimeoutStopSec); wait up to `wait_s`."""
@@ -431,8 +456,17 @@ class Systemd:
             return _resources(_cgroup_pids(bus, name, st.main_pid))
 
 
+# The longest a wait sleeps without a signal from systemd before reading the unit again.
+MAX_WAIT_S = 0.5
+
+
+def _ignore_signal(*_args: object, **_kwargs: object) -> None:
+    """match_signal needs a callback; the wait loop re-reads the unit instead."""
+
+
 _DEST = b"org.freedesktop.systemd1"
 _UNIT_PATH = b"/org/freedesktop/systemd1/unit"
+_MANAGER = b"org.freedesktop.systemd1.Manager"
 
 
 def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) -> object:
@@ -440,6 +474,15 @@ def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) 
     objects introspect the unit first, which costs more than the reads themselves."""
     path = path_encode(_UNIT_PATH, name.encode())
     return bus.get_property(_DEST, path, b"org.freedesktop.systemd1." + interface, prop, signature)
+
+
+def _job_pending(bus: DBus, name: str) -> bool:
+    """Whether systemd has a job queued or running for the unit (start, stop, restart)."""
+    try:
+        job_id, _path = _get(bus, name, b"Unit", b"Job", b"(uo)")
+    except Exception:
+        return False  # not loaded: no job either
+    return int(job_id) != 0
 
 
 def _read_status(bus: DBus, name: str) -> UnitStatus:

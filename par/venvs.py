@@ -330,6 +330,20 @@ def cache_on_same_filesystem(cfg: Config) -> bool:
     return device(cfg.paths.cache_dir) == device(cfg.paths.venvs)
 
 
+def _run_identity(path: Path) -> tuple | None:
+    """What decides how the venv's python runs, as file identities: the venv folder
+    (a rebuilt venv is a new folder; its mtime changes with every reuse's metadata
+    write, so only its inode counts), bin/python (a link), the interpreter it
+    resolves to, and pyvenv.cfg.  None when one of them cannot be read."""
+    try:
+        folder = path.stat()
+        files = (venv_python(path).lstat(), venv_python(path).stat(), (path / "pyvenv.cfg").stat())
+    except OSError:
+        return None
+    return ((folder.st_dev, folder.st_ino),
+            *((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in files))
+
+
 class VenvManager:
     """Owns the venvs folder: `ensure` (reuse or build), `list`, `prune`, `prewarm`."""
 
@@ -346,6 +360,8 @@ class VenvManager:
         self._installer_lock = threading.Lock()
         self._python_lock = threading.Lock()
         self._python_cache: tuple[tuple[int, ...], PythonInfo] | None = None
+        # venv path -> file identities when its python last ran and checked out (see validate)
+        self._validated: dict[Path, tuple] = {}
 
     @property
     def installer(self) -> Installer:
@@ -405,6 +421,13 @@ class VenvManager:
             return f"built from {meta.python}, configured interpreter is {base.path}"
         if meta.python_version != base.version:
             return f"built for Python {meta.python_version}, interpreter is now {base.version}"
+        identity = _run_identity(path)
+        with self._python_lock:
+            if identity is not None and self._validated.get(path) == identity:
+                # Ran and checked out before, and neither the venv's folder, its python
+                # link, the interpreter behind it nor pyvenv.cfg changed since: running
+                # it again (tens of ms of every redeploy) would prove nothing new.
+                return None
         result = procs.run([str(python), "-I", "-S", "-c", _PROBE], timeout=VALIDATE_TIMEOUT_S,
                            env=procs.child_env(), cwd=path)
         lines = result.output.splitlines()
@@ -415,6 +438,9 @@ class VenvManager:
             return f"sys.prefix is {prefix}, not the venv"
         if version != meta.python_version:
             return f"bin/python is Python {version}, metadata says {meta.python_version}"
+        if identity is not None:
+            with self._python_lock:
+                self._validated[path] = identity
         return None
 
     # -- ensure -------------------------------------------------------------------

@@ -289,7 +289,12 @@ def test_agent_sees_no_state(world: World) -> None:
     state = world.pard.state
     a = world.a
     see = world.invoke(a, op="list", path=str(state))
-    assert see["ok"] and see["entries"] == ["extracted", "venvs"], see
+    assert see["ok"] and see["entries"] == ["extracted", "host", "venvs"], see
+    # the agent host, compiled, read-only: the one copy this pard installed
+    hosts = world.invoke(a, op="list", path=str(state / "host"))["entries"]
+    pythonpath = world.invoke(a, op="env", name="PYTHONPATH")["value"]
+    assert hosts == [Path(pythonpath).name] and Path(pythonpath).parent == state / "host", hosts
+    assert refused(world.invoke(a, op="write", path=f"{pythonpath}/par_agent_host/x.py"))
     assert world.invoke(a, op="list", path=str(state / "extracted"))["entries"] == \
         ["sc-a@1.0.0"]
     assert world.invoke(a, op="list", path=str(state / "venvs"))["entries"] == [a["venv"]]

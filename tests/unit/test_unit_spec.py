@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from par import agent_unit, ids, ports
 from par.config import Config, Ports, with_state_dir
 from par.errors import ParError
+from par.host_files import HOST_SOURCE, host_digest, host_dir, install_host
 from par.units import SIGNATURES, UnitSpec, properties, unit_name
 
 
@@ -44,7 +47,8 @@ def launch(tmp_path: Path, **kw) -> agent_unit.AgentLaunch:
 
 def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     cfg = with_state_dir(Config(), tmp_path)
-    the_launch = launch(tmp_path, memory_mb=256, cpu_units=512, stop_timeout_s=7)
+    host = tmp_path / "host" / "0123456789ab"
+    the_launch = launch(tmp_path, memory_mb=256, cpu_units=512, stop_timeout_s=7, host_dir=host)
     spec = agent_unit.unit_spec(cfg, the_launch)
     props = properties(spec)
     for key in props:
@@ -68,15 +72,62 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert agent_unit.env_file_text(cfg, the_launch) == 'FOO="bar"\n'
     path = agent_unit.write_env_file(cfg, the_launch)
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
-    assert env["PYTHONPATH"] == str(agent_unit.HOST_DIR)
+    assert env["PYTHONPATH"] == str(host)
     assert env["BASE_PATH"] == "/agents/hello"
-    # the host is bound into the agent's namespace (its folder may be under /tmp)
-    assert (str(agent_unit.HOST_DIR), str(agent_unit.HOST_DIR), False, 0) in props[b"BindReadOnlyPaths"]
+    # the host is bound back into the agent's namespace (PAR's state is hidden from it)
+    assert (str(host), str(host), False, 0) in props[b"BindReadOnlyPaths"]
 
 
-def test_host_dir_holds_only_the_host() -> None:
-    names = {p.name for p in agent_unit.HOST_DIR.iterdir() if p.name != "__pycache__"}
+def test_host_source_holds_only_the_host() -> None:
+    names = {p.name for p in HOST_SOURCE.iterdir() if p.name != "__pycache__"}
     assert names == {"par_agent_host"}
+
+
+def test_install_host_copies_and_compiles_once(tmp_path: Path) -> None:
+    cfg = with_state_dir(Config(), tmp_path)
+    host = install_host(cfg)
+    assert host == host_dir(cfg, host_digest()) and host.parent == tmp_path / "host"
+    sources = sorted(p.relative_to(host) for p in host.rglob("*.py"))
+    assert sources == sorted(p.relative_to(HOST_SOURCE) for p in HOST_SOURCE.rglob("*.py")
+                             if "__pycache__" not in p.parts)
+    tag = sys.implementation.cache_tag
+    for source in sources:
+        pyc = host / source.parent / "__pycache__" / f"{source.stem}.{tag}.pyc"
+        assert pyc.is_file(), pyc  # agents never compile the host themselves
+    # readable by the agents' users; nothing left of the temporary copy
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in host.rglob("*"))
+    assert [p.name for p in host.parent.iterdir()] == [host.name]
+    marker = host / "par_agent_host" / "host.py"
+    before = marker.stat().st_mtime_ns
+    assert install_host(cfg) == host and marker.stat().st_mtime_ns == before  # reused
+
+
+def test_install_host_replaces_an_incomplete_copy_and_stale_temporaries(tmp_path: Path) -> None:
+    cfg = with_state_dir(Config(), tmp_path)
+    half = host_dir(cfg, host_digest())
+    (half / "par_agent_host").mkdir(parents=True)  # a crash before the rename: no marker
+    (half.parent / ".tmp-x-1").mkdir()
+    host = install_host(cfg)
+    assert (host / "par_agent_host" / "host.py").is_file()
+    assert sorted(p.name for p in host.parent.iterdir()) == [host.name]
+
+
+def test_install_host_failure_names_the_interpreter_and_leaves_nothing(tmp_path: Path) -> None:
+    cfg = with_state_dir(Config(), tmp_path)
+    cfg = replace(cfg, installer=replace(cfg.installer, python=tmp_path / "no-python"))
+    with pytest.raises(ParError, match="no-python") as info:
+        install_host(cfg)
+    assert info.value.field == "installer.python"
+    assert list((tmp_path / "host").iterdir()) == []
+
+
+def test_host_digest_follows_the_sources(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "par_agent_host").mkdir(parents=True)
+    (src / "par_agent_host" / "a.py").write_text("x = 1\n")
+    first = host_digest(src)
+    (src / "par_agent_host" / "a.py").write_text("x = 2\n")
+    assert host_digest(src) != first and len(first) == 12
 
 
 def test_dynamic_user_names_are_short_valid_and_unique() -> None:

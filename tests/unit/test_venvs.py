@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from par import config
+from par import venvs as venvs_module
 from par.config import Installer as InstallerConfig
 from par.config import Venvs as VenvsConfig
 from par.errors import ParError
@@ -251,6 +252,33 @@ def test_corrupted_venv_is_rebuilt(tmp_path, wheelhouse, recorder, corrupt):
     assert m.validate(again.path, sha("alpha==1.0\n")) is None
     assert run_py(again.path, "import alpha; print(alpha.VERSION)") == "1.0"
     assert leftovers(m.cfg) == [first.name]
+
+
+def test_validation_runs_the_venvs_python_again_only_after_a_change(
+        tmp_path, wheelhouse, recorder, monkeypatch):
+    m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
+    venv = ensure(m, "alpha==1.0\n").path
+    runs: list[str] = []
+    real_run = venvs_module.procs.run
+
+    def counting_run(argv, **kw):
+        runs.append(str(argv[0]))
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(venvs_module.procs, "run", counting_run)
+    python = str(venv / "bin" / "python")
+    assert m.validate(venv, sha("alpha==1.0\n")) is None
+    assert m.validate(venv, sha("alpha==1.0\n")) is None
+    assert ensure(m, "alpha==1.0\n").reused
+    assert runs.count(python) <= 1  # proven once (at most: the build may have proven it)
+    cfg_file = venv / "pyvenv.cfg"
+    cfg_file.write_text(cfg_file.read_text())  # any change to what decides how it runs
+    before = runs.count(python)
+    assert m.validate(venv, sha("alpha==1.0\n")) is None
+    assert runs.count(python) == before + 1
+    # a changed interpreter is never taken on trust either
+    _wrong_prefix(venv)
+    assert m.validate(venv, sha("alpha==1.0\n")) is not None
 
 
 def test_validation_runs_no_package_code(tmp_path, wheelhouse, recorder):

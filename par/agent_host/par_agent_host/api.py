@@ -8,28 +8,20 @@ these functions, so the two answer the same.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections import namedtuple
+from collections.abc import Awaitable, Callable
 
 from . import log
-from .spec import AgentSpec, HostEnv
-from .surfaces import Health
 
 ROUTES = ("/health", "/meta", "/invoke")
 
 
-@dataclass(frozen=True)
-class HostApi:
-    """Everything the host routes answer from: the spec, the environment, health, the handler."""
+class HostApi(namedtuple("_HostApi", "spec env health handler")):
+    """Everything the host routes answer from: the spec (AgentSpec), the environment
+    (HostEnv), health (Health) and the agent's handler (a callable)."""
 
-    spec: AgentSpec
-    env: HostEnv
-    health: Health
-    handler: Callable[..., Any]
+    __slots__ = ()
 
     def prefixes(self) -> tuple[str, ...]:
         return ("", self.env.base_path) if self.env.base_path else ("",)
@@ -67,14 +59,17 @@ def invoke_error(exc: BaseException) -> dict:
     return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def call_handler_sync(handler: Callable[..., Any], context: Any) -> Any:
+def call_handler_sync(handler: Callable[..., object], context: object) -> object:
     """Call a sync or async handler from a plain thread (the stdlib server's request thread)."""
     result = handler(context)
-    if inspect.isawaitable(result):
+    if isinstance(result, Awaitable):
         # Each request thread has no loop of its own: run the coroutine to completion here.
+        # (asyncio is imported here: a sync agent's start need not pay for it.)
+        import asyncio
+
         result = asyncio.run(_await(result))
     return result
 
 
-async def _await(awaitable: Any) -> Any:
+async def _await(awaitable: Awaitable) -> object:
     return await awaitable

@@ -12,10 +12,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
-from . import dotenv, loader, log, spec, stdlib_rest, ui
-from .a2a import A2aSurface
+from . import dotenv, loader, log, spec, stdlib_rest
 from .api import HostApi
 from .exitcodes import EXIT_IMPORT_ERROR, EXIT_OK, EXIT_SURFACE_FAILED, HostError
 from .loader import EntryRef
@@ -52,7 +50,10 @@ def build_surfaces(api: HostApi) -> list[Surface]:
         )
     else:
         surfaces.append(stdlib_rest.surface(api))
+    # The A2A and UI surfaces import asyncio and http.server: only agents that declare them pay.
     if agent.a2a_service:
+        from .a2a import A2aSurface
+
         ref = EntryRef.parse("a2a service", agent.a2a_service, "create_grpc_server")
         surfaces.append(
             A2aSurface(
@@ -60,24 +61,27 @@ def build_surfaces(api: HostApi) -> list[Surface]:
             )
         )
     if agent.ui_path:
+        from . import ui
+
         folder = ui.ui_folder(agent.package_root, agent.ui_path)
         surfaces.append(ui.surface(folder, env.bind_address, env.ports.ui))
     return surfaces
 
 
-@dataclass
 class Host:
     """A loaded agent with its built surfaces; `run` is the rest of the process's life.
 
     watchdog: seconds between WATCHDOG=1 pings, None when systemd asks for none.
     """
 
-    api: HostApi
-    surfaces: list[Surface]
-    notify: Notifier
-    signals: SignalWaiter
-    watchdog: float | None = None
-    _last_ping: float = field(default=0.0, init=False)
+    def __init__(self, api: HostApi, surfaces: list[Surface], notify: Notifier,
+                 signals: SignalWaiter, watchdog: float | None = None) -> None:
+        self.api = api
+        self.surfaces = surfaces
+        self.notify = notify
+        self.signals = signals
+        self.watchdog = watchdog
+        self._last_ping = 0.0
 
     @property
     def ports(self) -> str:

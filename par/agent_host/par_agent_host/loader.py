@@ -8,33 +8,31 @@ because that line is what `systemctl status` and the journal show.
 from __future__ import annotations
 
 import importlib
-import re
 import sys
-import traceback
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .exitcodes import EXIT_BAD_ENTRY, EXIT_IMPORT_ERROR, HostError
 
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+def _identifier(name: str) -> bool:
+    return name.isascii() and name.isidentifier()
 
 
-@dataclass(frozen=True)
-class EntryRef:
-    """A `module:function` reference from the manifest; `what` names it in messages."""
+class EntryRef(namedtuple("_EntryRef", "what module attr")):
+    """A `module:function` reference from the manifest; `what` names it in messages.
 
-    what: str
-    module: str
-    attr: str
+    (A namedtuple: see spec.py for why the host has no dataclasses.)
+    """
+
+    __slots__ = ()
 
     @classmethod
     def parse(cls, what: str, ref: str, default_attr: str) -> EntryRef:
         module, _, attr = ref.strip().partition(":")
         attr = attr or default_attr
-        if not _MODULE.match(module) or not _NAME.match(attr):
+        if not all(_identifier(part) for part in module.split(".")) or not _identifier(attr):
             raise HostError(EXIT_BAD_ENTRY, f"{what} {ref!r} is not 'module:function'")
         return cls(what, module, attr)
 
@@ -56,6 +54,8 @@ def _where(exc: BaseException) -> str:
     """' (at file:line)' for the innermost frame outside importlib, or ''."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" (at {exc.filename}:{exc.lineno})"
+    import traceback  # only on a failure: every agent's start would pay for it
+
     frames = [
         f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
     ]
@@ -64,7 +64,7 @@ def _where(exc: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
-def import_module(ref: EntryRef) -> Any:
+def import_module(ref: EntryRef) -> object:
     try:
         return importlib.import_module(ref.module)
     except Exception as exc:  # any error raised by the agent's module body
@@ -75,7 +75,7 @@ def import_module(ref: EntryRef) -> Any:
         ) from exc
 
 
-def load_callable(ref: EntryRef) -> Callable[..., Any]:
+def load_callable(ref: EntryRef) -> Callable[..., object]:
     """Import `ref.module` and return its callable `ref.attr`."""
     module = import_module(ref)
     func = getattr(module, ref.attr, None)

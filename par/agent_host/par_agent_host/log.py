@@ -8,7 +8,6 @@ journal before the process exits.
 from __future__ import annotations
 
 import sys
-import traceback as _traceback
 
 PREFIX = "par-agent-host: "
 
@@ -23,5 +22,7 @@ def error(message: str) -> None:
 
 def exception(exc: BaseException) -> None:
     """The traceback of an agent failure, on stderr."""
-    _traceback.print_exception(exc, file=sys.stderr)
+    import traceback  # only on a failure: every agent's start would pay for it
+
+    traceback.print_exception(exc, file=sys.stderr)
     sys.stderr.flush()

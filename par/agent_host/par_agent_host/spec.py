@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections import namedtuple
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from .exitcodes import EXIT_BAD_SPEC, HostError
@@ -31,17 +31,23 @@ def _bad(message: str) -> HostError:
     return HostError(EXIT_BAD_SPEC, message)
 
 
-@dataclass(frozen=True)
-class AgentSpec:
-    """The manifest fields the host needs (read from the spec JSON)."""
+# The host's records are namedtuples, not dataclasses: importing `dataclasses` (and
+# the `inspect` it pulls in) would cost every agent's start about 20 ms.
+_AgentSpec = namedtuple(
+    "_AgentSpec",
+    "name version package_root entrypoint rest_entry a2a_service ui_path",
+    defaults=(DEFAULT_ENTRYPOINT, None, None, None),
+)
 
-    name: str
-    version: str
-    package_root: Path
-    entrypoint: str = DEFAULT_ENTRYPOINT
-    rest_entry: str | None = None
-    a2a_service: str | None = None
-    ui_path: str | None = None
+
+class AgentSpec(_AgentSpec):
+    """The manifest fields the host needs (read from the spec JSON).
+
+    name, version: str; package_root: Path; entrypoint: str ("module:function");
+    rest_entry, a2a_service, ui_path: str or None.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping, *, base_dir: Path, fallback_root: str | None) -> AgentSpec:
@@ -79,28 +85,27 @@ class AgentSpec:
         return tuple(name for name, on in declared.items() if on)
 
 
-@dataclass(frozen=True)
-class Ports:
-    rest: int
-    a2a: int | None = None
-    ui: int | None = None
+Ports = namedtuple("Ports", "rest a2a ui", defaults=(None, None))
+Ports.__doc__ = "The agent's ports: rest (int), a2a and ui (int or None)."
+
+_HostEnv = namedtuple(
+    "_HostEnv",
+    "ports spec_path agent_app_id deployment_id org_id package_path bind_address base_path "
+    "multiplexed stop_timeout ready_timeout",
+    defaults=("", "", "", None, DEFAULT_BIND_ADDRESS, "", False, DEFAULT_STOP_TIMEOUT_S,
+              DEFAULT_READY_TIMEOUT_S),
+)
 
 
-@dataclass(frozen=True)
-class HostEnv:
-    """The unit's environment, parsed once (design.md, "Environment an agent sees")."""
+class HostEnv(_HostEnv):
+    """The unit's environment, parsed once (design.md, "Environment an agent sees").
 
-    ports: Ports
-    spec_path: Path
-    agent_app_id: str = ""
-    deployment_id: str = ""
-    org_id: str = ""
-    package_path: str | None = None
-    bind_address: str = DEFAULT_BIND_ADDRESS
-    base_path: str = ""
-    multiplexed: bool = False
-    stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
-    ready_timeout: float = DEFAULT_READY_TIMEOUT_S
+    ports: Ports; spec_path: Path; agent_app_id, deployment_id, org_id,
+    bind_address, base_path: str; package_path: str or None; multiplexed: bool;
+    stop_timeout, ready_timeout: seconds.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> HostEnv:

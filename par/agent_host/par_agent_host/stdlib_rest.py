@@ -7,65 +7,42 @@ agent has a health check and can be invoked, whatever its venv holds.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from .api import HostApi, call_handler_sync, invoke_error
-from .httpserver import HttpSurface, QuietHandler
+from .httpserver import HttpSurface
+from .minihttp import HttpError, Request, handler_class
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
+SERVER_NAME = "par-agent-host"
 
 
-def _handler_class(api: HostApi) -> type[QuietHandler]:
-    class RestHandler(QuietHandler):
-        server_version = "par-agent-host"
-
-        def _send(self, status: int, body: object) -> None:
-            data = json.dumps(body, default=str).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            route = api.route(self.path)
-            if route == "/health":
-                self._send(*api.health.report())
-            elif route == "/meta":
-                self._send(200, api.meta())
-            elif route == "/invoke":
-                self._send(405, {"ok": False, "error": "use POST"})
-            else:
-                self._send(404, {"ok": False, "error": "not found"})
-
-        def do_POST(self) -> None:
-            if api.route(self.path) != "/invoke":
-                self._send(404, {"ok": False, "error": "not found"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self._send(413, {"ok": False, "error": "body too large"})
-                return
-            raw = self.rfile.read(length) if length else b""
-            try:
-                context = json.loads(raw) if raw.strip() else {}
-            except ValueError as exc:
-                self._send(400, {"ok": False, "error": f"body is not JSON: {exc}"})
-                return
-            try:
-                result = call_handler_sync(api.handler, context)
-            except Exception as exc:  # the agent's handler failed: 500, host keeps serving
-                self._send(500, invoke_error(exc))
-                return
-            self._send(200, result)
-
-    return RestHandler
+def answer(api: HostApi, request: Request, read_body: Callable[[int], bytes]) -> tuple[int, object]:
+    """(status, JSON body) for one request to the host routes."""
+    route = api.route(request.target)
+    if request.method not in ("GET", "POST"):
+        raise HttpError(501, f"unsupported method {request.method}")
+    if route is None:
+        return 404, {"ok": False, "error": "not found"}
+    if request.method == "GET":
+        if route == "/health":
+            return api.health.report()
+        if route == "/meta":
+            return 200, api.meta()
+        return 405, {"ok": False, "error": "use POST"}
+    if route != "/invoke":
+        return 405, {"ok": False, "error": "use GET"}
+    raw = read_body(MAX_BODY_BYTES)
+    try:
+        context = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        return 400, {"ok": False, "error": f"body is not JSON: {exc}"}
+    try:
+        return 200, call_handler_sync(api.handler, context)
+    except Exception as exc:  # the agent's handler failed: 500, host keeps serving
+        return 500, invoke_error(exc)
 
 
 def surface(api: HostApi) -> HttpSurface:
-    return HttpSurface(
-        "rest",
-        api.env.bind_address,
-        api.env.ports.rest,
-        _handler_class(api),
-        probe_path="/meta",
-    )
+    handler = handler_class(lambda request, read_body: answer(api, request, read_body), SERVER_NAME)
+    return HttpSurface("rest", api.env.bind_address, api.env.ports.rest, handler, probe_path="/meta")

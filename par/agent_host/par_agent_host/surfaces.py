@@ -8,13 +8,12 @@ answers, so a TCP connect alone would report it ready too early).
 
 from __future__ import annotations
 
-import http.client
 import socket
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 PROBE_TIMEOUT_S = 1.0
+MAX_PROBE_BYTES = 1 << 20  # read at most this much of a probe's answer
 # Client connection preface plus an empty SETTINGS frame (RFC 9113, section 3.4).
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _H2_SETTINGS = 0x4
@@ -26,17 +25,30 @@ def probe_host(bind_address: str) -> str:
 
 
 def http_answers(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """True when GET `path` returns 200."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    """True when GET `path` returns 200.
+
+    A plain HTTP/1.0 exchange on a socket: `http.client` would cost every agent's
+    start its import, and the probe needs only the status line."""
+    request = (f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
+               "User-Agent: par-agent-host-probe\r\n\r\n").encode()
     try:
-        conn.request("GET", path, headers={"User-Agent": "par-agent-host-probe"})
-        response = conn.getresponse()
-        response.read()
-        return response.status == 200
-    except (OSError, http.client.HTTPException):
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(request)
+            head, total = b"", 0
+            # read to the end (HTTP/1.0: the server closes), so it never writes to a closed
+            # socket; the status line is in the first bytes
+            while total < MAX_PROBE_BYTES:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                if len(head) < 1024:
+                    head += chunk[:1024]
+                total += len(chunk)
+    except OSError:
         return False
-    finally:
-        conn.close()
+    status = head.split(b"\r\n", 1)[0].split()
+    return len(status) >= 2 and status[0].startswith(b"HTTP/1.") and status[1] == b"200"
 
 
 def h2_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -78,14 +90,14 @@ class Surface(ABC):
         """Stop accepting, let in-flight requests finish within `timeout`, release the port."""
 
 
-@dataclass
 class Health:
     """What /health reports; written by the host's main loop, read by request threads."""
 
-    declared: tuple[str, ...]
-    ready: bool = False
-    surfaces: dict[str, bool] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self, declared: tuple[str, ...]) -> None:
+        self.declared = declared
+        self.ready = False
+        self.surfaces: dict[str, bool] = {}
+        self._lock = threading.Lock()
 
     def update(self, surfaces: dict[str, bool]) -> bool:
         """Record probe results; ready when every declared surface answered. Returns ready."""

@@ -1,4 +1,8 @@
-"""The UI surface: the package's static folder served on UI_PORT (stdlib http.server)."""
+"""The UI surface: the package's static folder served on UI_PORT (stdlib http.server).
+
+Imported only by agents that declare `ui.path`: http.server is the costliest
+import of the host.
+"""
 
 from __future__ import annotations
 
