@@ -66,6 +66,8 @@ class AgentLaunch:
     # The folder put on the agent's PYTHONPATH, holding `par_agent_host` alone: pard
     # passes its compiled copy (par/host_files.py); the source tree is for other callers.
     host_dir: Path = HOST_SOURCE
+    # The shared layer the venv's site-packages links (par/venvs.py), bound like the venv.
+    layer_path: Path | None = None
 
 
 def dynamic_user_name(agent_id: str) -> str:
@@ -195,10 +197,11 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         dynamic_user=dynamic_user_name(launch.agent_id),
         state_directory=state_directory(launch.agent_id),
         # The agent sees PAR's state and cache as empty read-only folders, except
-        # its own package and venv, bound back read-only.
+        # its own package, venv (and the layer it links) and the host, bound back read-only.
         hide_paths=(str(state), str(cfg.paths.cache_dir)),
         # The host too: wherever PAR is installed (a checkout under /tmp, say), the
         # agent's private /tmp or hidden folders must not hide it.
-        read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir)),
+        read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir),
+                         *([str(launch.layer_path)] if launch.layer_path else [])),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
     )

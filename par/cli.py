@@ -879,9 +879,19 @@ def venv_list(app: App, as_json: bool) -> None:
         click.echo("no venvs")
         return
     now = time.time()
-    rows = [[v.get("name", "?"), format_bytes(v.get("sizeBytes")), _ago(v.get("lastUsed"), now),
-             ", ".join(v.get("inUseBy") or []) or "-"] for v in venvs]
-    click.echo(table(["NAME", "SIZE", "LAST USED", "IN USE BY"], rows))
+    rows = [[v.get("name", "?"), format_bytes(v.get("sizeBytes")), _packages(v),
+             _ago(v.get("lastUsed"), now), ", ".join(v.get("inUseBy") or []) or "-"]
+            for v in venvs]
+    click.echo(table(["NAME", "SIZE", "PACKAGES", "LAST USED", "IN USE BY"], rows))
+    if any((v.get("layerShared") or 0) > 1 for v in venvs):
+        click.echo("SIZE includes the installed packages, which venvs of the same "
+                   "requirements share (counted once on disk).")
+
+
+def _packages(venv: dict) -> str:
+    """Whether the venv's installed packages are its own or shared with other venvs."""
+    shared = venv.get("layerShared") or 0
+    return f"shared by {shared}" if shared > 1 else "own"
 
 
 @venv.command("prune")

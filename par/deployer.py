@@ -194,7 +194,7 @@ class Deployer:
         store.add_event(did, d.agent_app_id,
                         "Reusing existing venv" if venv.reused else "Venv built",
                         venv=venv.name, installer=venv.installer, seconds=venv.seconds)
-        return self._launch(d, root, manifest, venv.path, ports={})
+        return self._launch(d, root, manifest, venv.path, ports={}, layer=venv.layer)
 
     def _extract(self, d: Deployment, apkg: Path, sha256: str, created: list[Path]) -> Path:
         """Extract unless the same package is already extracted for this agent@version."""
@@ -217,7 +217,7 @@ class Deployer:
         return extract_package(self.cfg, d.agent_app_id, d.version, apkg, check=check)
 
     def _launch(self, d: Deployment, root: Path, manifest: Manifest, venv_path: Path,
-                ports: dict[str, int]) -> AgentLaunch:
+                ports: dict[str, int], layer: Path | None) -> AgentLaunch:
         env = dict(manifest.environment)
         env.update(read_dotenv(root))
         env.update(d.env)  # the operator's values win over the package's
@@ -228,6 +228,7 @@ class Deployer:
             a2a_service=manifest.a2a_service, ui_path=manifest.ui_path, env=env,
             memory_mb=d.request.get("memoryMB"), cpu_units=d.request.get("cpuUnits"),
             stop_timeout_s=d.request.get("stopTimeoutSec"), host_dir=self.host_dir,
+            layer_path=layer,
         )
 
     def launch_for(self, d: Deployment) -> AgentLaunch:
@@ -241,11 +242,13 @@ class Deployer:
             raise ParError("venv_missing", f"deployment {d.deployment_id} has no venv recorded")
         venv_path = self.cfg.paths.venvs / d.venv
         reqs = effective_requirements(root, manifest, self.cfg.installer.allow_index_options)
+        layer = self.venvs.layer_path(venv_path)
         if self.venvs.validate(venv_path, reqs.sha256) is not None:
             # corrupted or evicted: build it again from the package's requirements
-            venv_path = self.venvs.ensure(d.agent_app_id, manifest.package_id, reqs.text,
-                                          reqs.sha256, self._venvs_in_use()).path
-        return self._launch(d, root, manifest, venv_path, dict(d.ports))
+            venv = self.venvs.ensure(d.agent_app_id, manifest.package_id, reqs.text,
+                                     reqs.sha256, self._venvs_in_use())
+            venv_path, layer = venv.path, venv.layer
+        return self._launch(d, root, manifest, venv_path, dict(d.ports), layer)
 
     def _start_replacing(self, d: Deployment, launch: AgentLaunch) -> None:
         """starting: stop the agent's current deployment, start this one; roll back on failure."""
@@ -371,7 +374,10 @@ class Deployer:
             if path in used_roots:
                 continue
             try:
-                remove_tree(path)
+                if path.parent == self.cfg.paths.venvs:
+                    self.venvs.remove(path.name)  # with the layer, if nothing else links it
+                else:
+                    remove_tree(path)
             except OSError as exc:
                 self.logger.warning("cleanup failed", extra={"fields": {"path": str(path),
                                                                          "error": str(exc)}})
@@ -466,14 +472,14 @@ class Deployer:
     def _purge(self, d: Deployment) -> list[str]:
         paths = [package_path(self.cfg, d.agent_app_id, d.version),
                  self.cfg.paths.extracted / f"{d.agent_app_id}@{d.version}"]
-        still_used = {x.venv for x in self.store.currents() + self.store.in_flight() if x.venv}
-        if d.venv and d.venv not in still_used:
-            paths.append(self.cfg.paths.venvs / d.venv)
         out = []
         for p in paths:
             if p.exists():
                 remove_tree(p)
                 out.append(str(p))
+        still_used = {x.venv for x in self.store.currents() + self.store.in_flight() if x.venv}
+        if d.venv and d.venv not in still_used and self.venvs.remove(d.venv):
+            out.append(str(self.cfg.paths.venvs / d.venv))  # and its layer, once unlinked
         return out
 
 

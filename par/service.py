@@ -132,7 +132,8 @@ class ParService:
                 users.setdefault(d.venv, []).append(d.agent_app_id)
         return [{"name": v.name, "sizeBytes": v.size_bytes, "lastUsed": v.last_used,
                  "inUseBy": list(v.in_use_by), "packageId": v.package_id,
-                 "pythonVersion": v.python_version, "installer": v.installer}
+                 "pythonVersion": v.python_version, "installer": v.installer,
+                 "layer": v.layer, "layerShared": v.layer_users}
                 for v in self.venv_manager.list(users)]
 
     def prune_venvs(self) -> dict:

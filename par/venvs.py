@@ -6,6 +6,18 @@ requirements.  It is reused only when it validates (`bin/python` runs, its
 metadata matches the hash and the base interpreter, `sys.prefix` is the venv);
 otherwise it is rebuilt.
 
+Agents with the same requirements share their installed packages: the
+installer runs once into a *layer*, `venvs/.layers/{key}` (a complete venv,
+keyed by the requirements' hash and the interpreter), and each agent's venv is
+its own small venv (its pyvenv.cfg, bin/python, metadata) whose
+`lib/pythonX.Y/site-packages` is a link to the layer's.  Both are read-only to
+agents, so sharing the folder gives up nothing that sharing files by hardlink
+(as uv does from its cache) did not; what it saves is the rest: every venv of
+the typical set used to cost ~1.3 MB of its own folders and install records,
+and a new agent with requirements the host already has now gets its venv in
+milliseconds, without running the installer.  A layer no venv links any more
+is deleted with the last one (`prune`, eviction).
+
 A build happens in a temporary sibling `.tmp-{name}-{random}` and is renamed
 into place only after it validates, so a crash, kill -9 or timeout never
 leaves a folder a later deploy could take for a good venv; `cleanup_stale`
@@ -21,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -42,8 +55,10 @@ from par.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, remove_
 from par.installers import Installer, select_installer, venv_python
 from par.log import Timer, event
 
-SCHEMA_VERSION = 1
+# 2: venvs link a shared layer (`layer`); schema-1 venvs are rebuilt once.
+SCHEMA_VERSION = 2
 METADATA_FILE = "par-venv.json"
+LAYER_DIR = ".layers"  # below venvs/: the shared layers
 # The effective requirements the venv was built from, kept for inspection.
 REQUIREMENTS_FILE = "par-requirements.txt"
 TMP_PREFIX = ".tmp-"
@@ -55,6 +70,7 @@ EVICT_GRACE_S = 600.0
 
 PACKAGE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+LAYER_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 # What a venv's python prints for validation: its prefix and exact version.
 # Run with -S: site's own venv detection sets sys.prefix, but its .pth
 # processing is skipped, since a package's .pth would run its code as root.
@@ -79,7 +95,7 @@ def venv_name(agent_app_id: str | None, package_id: str, requirements_sha: str) 
 
 
 class VenvMetaDict(TypedDict):
-    """The on-disk shape of `par-venv.json` (schema 1)."""
+    """The on-disk shape of `par-venv.json` (schema 2)."""
 
     schema: int
     package_id: str
@@ -92,6 +108,7 @@ class VenvMetaDict(TypedDict):
     created_at: float
     build_seconds: float
     last_used: float
+    layer: str | None
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,8 @@ class VenvMeta:
     created_at: float
     build_seconds: float
     last_used: float
+    # The layer (key) whose packages the venv links; None for a layer itself.
+    layer: str | None = None
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> VenvMetaDict:
@@ -118,7 +137,7 @@ class VenvMeta:
     def from_dict(cls, raw: object) -> VenvMeta:
         """Parse `raw`; ValueError when it is not schema-1 metadata."""
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA_VERSION:
-            raise ValueError("not schema-1 venv metadata")
+            raise ValueError(f"not schema-{SCHEMA_VERSION} venv metadata")
         names = {f.name for f in dataclasses.fields(cls)}
         if set(raw) != names:
             raise ValueError(f"metadata keys differ: {sorted(set(raw) ^ names)}")
@@ -126,6 +145,8 @@ class VenvMeta:
         for key in ("package_id", "requirements_sha256", "python", "python_version", "installer"):
             if not isinstance(getattr(meta, key), str):
                 raise ValueError(f"metadata {key} is not a string")
+        if meta.layer is not None and not LAYER_KEY_RE.fullmatch(str(meta.layer)):
+            raise ValueError("metadata layer is not a layer key")
         return meta
 
 
@@ -159,6 +180,8 @@ class VenvResult:
     reused: bool
     installer: str
     seconds: float
+    # The shared layer it links (bind it into the agent's sandbox too), or None.
+    layer: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +190,7 @@ class VenvInfo:
 
     name: str
     path: Path
-    # Bytes on disk, each hardlinked file counted once.
+    # Bytes on disk of the venv and its layer, each hardlinked file counted once.
     size_bytes: int
     last_used: float
     in_use_by: tuple[str, ...]
@@ -175,6 +198,9 @@ class VenvInfo:
     agent_app_id: str | None
     python_version: str | None
     installer: str | None
+    # The layer it shares, and how many venvs link it (this one included).
+    layer: str | None = None
+    layer_users: int = 0
 
 
 @dataclass(frozen=True)
@@ -238,24 +264,33 @@ def _venv_dirs(root: Path) -> list[Path]:
     return sorted(p for p in entries if not p.name.startswith(".") and p.is_dir())
 
 
+def _all_dirs(root: Path) -> list[Path]:
+    """Every folder in `root` that may link a layer: venvs and builds in progress."""
+    try:
+        return [p for p in root.iterdir() if p.name != LAYER_DIR and p.name != LOCK_DIR
+                and p.is_dir() and not p.is_symlink()]
+    except FileNotFoundError:
+        return []
+
+
 def cleanup_stale(cfg: Config) -> list[str]:
     """Remove temporary build and deletion folders left by a crash; return their names.
 
     Call once at daemon start, before any build (a running build's temporary
     folder looks the same).
     """
-    root = cfg.paths.venvs
     removed = []
-    try:
-        entries = list(root.iterdir())
-    except FileNotFoundError:
-        return []
-    for path in entries:
-        if path.name.startswith(TMP_PREFIX):
+    for root in (cfg.paths.venvs, cfg.paths.venvs / LAYER_DIR):
+        try:
+            entries = list(root.iterdir())
+        except FileNotFoundError:
+            continue
+        stale = [p for p in entries if p.name.startswith(TMP_PREFIX)]
+        for path in stale:
             remove_tree(path)
             removed.append(path.name)
-    if removed:
-        fsync_dir(root)
+        if stale:
+            fsync_dir(root)
     return removed
 
 
@@ -278,12 +313,38 @@ def _inodes(path: Path) -> dict[tuple[int, int], int]:
     return out
 
 
+def linked_layer(venv: Path) -> Path | None:
+    """The layer whose packages `venv` links (its site-packages link), or None."""
+    for site in venv.glob("lib/python*/site-packages"):
+        if site.is_symlink():
+            target = site.parent / os.readlink(site)  # absolute as written: kept as is
+            return target.parent.parent.parent  # <layer>/lib/pythonX.Y/site-packages
+    return None
+
+
 def disk_usage(paths: Iterable[Path]) -> int:
-    """Bytes on disk used by `paths` together, each hardlinked file counted once."""
+    """Bytes on disk used by `paths` together with the layers their venvs link, each
+    hardlinked file and each shared layer counted once."""
     seen: dict[tuple[int, int], int] = {}
+    trees: dict[Path, None] = {}
     for path in paths:
-        seen.update(_inodes(path))
+        trees[path] = None
+        layer = linked_layer(path)
+        if layer is not None:
+            trees[layer] = None
+    for tree in trees:
+        seen.update(_inodes(tree))
     return sum(seen.values())
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def layer_key(requirements_sha: str, python: PythonInfo) -> str:
+    """The layer for these requirements and this interpreter (path and exact version)."""
+    raw = f"{requirements_sha}\0{python.path}\0{python.version}".encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _has_requirements(text: str) -> bool:
@@ -330,6 +391,46 @@ def cache_on_same_filesystem(cfg: Config) -> bool:
     return device(cfg.paths.cache_dir) == device(cfg.paths.venvs)
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """A layer handed to a venv build: its key, folder, metadata, and whether it existed."""
+
+    key: str
+    path: Path
+    meta: VenvMeta
+    reused: bool
+
+
+def _link_layer(venv: Path, layer: Path, prompt: str) -> None:
+    """Make `venv` (an empty folder) a venv of the layer's interpreter whose
+    site-packages is the layer's.
+
+    A venv is its pyvenv.cfg and bin/python: Python finds pyvenv.cfg beside its
+    executable's folder and takes the venv as its prefix.  The interpreter links
+    are copied from the layer (they point at the base interpreter); the layer's
+    console scripts are linked, so they run (with the layer's python) from here
+    too; activate scripts name the layer, so they are left out.
+    """
+    cfg_lines = [line for line in (layer / "pyvenv.cfg").read_text().splitlines()
+                 if not line.replace(" ", "").startswith(("prompt=", "command="))]
+    (venv / "pyvenv.cfg").write_text("\n".join([*cfg_lines, f"prompt = {prompt}"]) + "\n")
+    (venv / "bin").mkdir(mode=0o755)
+    for entry in sorted((layer / "bin").iterdir()):
+        target = venv / "bin" / entry.name
+        if entry.is_symlink():
+            target.symlink_to(os.readlink(entry))  # python, python3, python3.X
+        elif entry.name.startswith("python"):
+            os.link(entry, target)  # an interpreter copied rather than linked
+        elif not entry.name.lower().startswith(("activate", "deactivate")):
+            target.symlink_to(entry)
+    for site in sorted(layer.glob("lib/python*/site-packages")):
+        own = venv / site.relative_to(layer)
+        own.parent.mkdir(mode=0o755, parents=True)
+        own.symlink_to(site)
+    if (layer / "lib64").is_symlink():
+        (venv / "lib64").symlink_to(os.readlink(layer / "lib64"))
+
+
 def _run_identity(path: Path) -> tuple | None:
     """What decides how the venv's python runs, as file identities: the venv folder
     (a rebuilt venv is a new folder; its mtime changes with every reuse's metadata
@@ -354,6 +455,7 @@ class VenvManager:
         self.evict_grace_s = evict_grace_s
         self.logger = logger
         self.root = cfg.paths.venvs
+        self.layers = self.root / LAYER_DIR
         self.counters = VenvCounters()
         self._given_installer = installer
         self._installer = installer
@@ -407,7 +509,10 @@ class VenvManager:
     # -- validation -------------------------------------------------------------
 
     def validate(self, path: Path, requirements_sha: str) -> str | None:
-        """Why the venv at `path` must not be reused, or None when it is good."""
+        """Why the venv (or layer) at `path` must not be reused, or None when it is good.
+
+        A venv is good when its own files check out and so does the layer it links.
+        """
         base = self.base_python()
         python = venv_python(path)
         if not python.exists():
@@ -421,6 +526,14 @@ class VenvManager:
             return f"built from {meta.python}, configured interpreter is {base.path}"
         if meta.python_version != base.version:
             return f"built for Python {meta.python_version}, interpreter is now {base.version}"
+        if meta.layer is not None:
+            layer = self.layers / meta.layer
+            linked = linked_layer(path)
+            if linked is None or not _same_path(linked, layer):
+                return f"site-packages does not link its layer {meta.layer}"
+            problem = self.validate(layer, requirements_sha)
+            if problem is not None:
+                return f"its layer {meta.layer}: {problem}"
         identity = _run_identity(path)
         with self._python_lock:
             if identity is not None and self._validated.get(path) == identity:
@@ -443,6 +556,18 @@ class VenvManager:
                 self._validated[path] = identity
         return None
 
+    def _renamed(self, tmp: Path, final: Path) -> None:
+        """A validated build renamed into place keeps its files: so does its validation."""
+        with self._python_lock:
+            identity = self._validated.pop(tmp, None)
+            if identity is not None and identity == _run_identity(final):
+                self._validated[final] = identity
+
+    def layer_path(self, venv: Path) -> Path | None:
+        """The layer a venv links (what its unit must see besides the venv), or None."""
+        meta = read_meta(venv)
+        return self.layers / meta.layer if meta is not None and meta.layer else None
+
     # -- ensure -------------------------------------------------------------------
 
     def ensure(
@@ -457,8 +582,9 @@ class VenvManager:
 
         `requirements_sha` is the SHA-256 of `requirements_text` (the effective
         requirements).  `in_use` names the venvs current deployments use; eviction
-        never touches them (nor this one).  Raises ParError on failure, leaving
-        no partial venv behind.
+        never touches them (nor this one).  A build reuses the requirements' layer
+        when another venv built it already, else installs it.  Raises ParError on
+        failure, leaving no partial venv or layer behind.
         """
         start = time.monotonic()
         name = venv_name(agent_app_id, package_id, requirements_sha)
@@ -473,7 +599,8 @@ class VenvManager:
                     self.counters.add("hits")
                     seconds = round(time.monotonic() - start, 3)
                     event(self.logger, "Reusing existing venv", **fields, seconds=seconds)
-                    return VenvResult(final, name, True, meta.installer if meta else "?", seconds)
+                    return VenvResult(final, name, True, meta.installer if meta else "?", seconds,
+                                      self.layer_path(final))
                 event(self.logger, "Invalid venv found, rebuilding", logging.WARNING,
                       **fields, reason=problem)
                 try:
@@ -486,8 +613,15 @@ class VenvManager:
             self._evict(protect, incoming=1)
             installer = self.installer
             try:
-                build_seconds = self._build(installer, name, agent_app_id, package_id,
-                                            requirements_text, requirements_sha)
+                with self._layer(installer, package_id, requirements_text,
+                                 requirements_sha) as layer:
+                    try:
+                        build_seconds = self._build(name, agent_app_id, package_id,
+                                                    requirements_text, requirements_sha, layer)
+                    except BaseException:
+                        if not layer.reused:  # nothing links the layer just built: no leftover
+                            self._remove_quietly(layer.path)
+                        raise
             except ParError as exc:
                 self.counters.add("failures")
                 event(self.logger, "Venv build failed", logging.ERROR, **fields,
@@ -496,7 +630,8 @@ class VenvManager:
             self.counters.add("builds")
             self.counters.add("build_seconds", build_seconds)
             self._evict(protect, incoming=0)  # the byte budget, now that the size is known
-        return VenvResult(final, name, False, installer.name, round(time.monotonic() - start, 3))
+        return VenvResult(final, name, False, layer.meta.installer,
+                          round(time.monotonic() - start, 3), layer.path)
 
     def _touch(self, path: Path) -> VenvMeta | None:
         meta = read_meta(path)
@@ -510,20 +645,49 @@ class VenvManager:
                   venv=path.name, error=str(exc))
         return meta
 
-    def _build(self, installer: Installer, name: str, agent_app_id: str | None,
-               package_id: str, requirements_text: str, requirements_sha: str) -> float:
-        """Build venv `name` in a temporary sibling, validate it, rename it into place."""
-        final = self.root / name
-        fields = {"venv": name, "package_id": package_id, "installer": installer.name}
+    @contextmanager
+    def _layer(self, installer: Installer, package_id: str, requirements_text: str,
+               requirements_sha: str) -> Iterator[_Layer]:
+        """The requirements' layer, reused when valid or built, held (locked) while the
+        caller links a venv to it: pruning takes the same lock before deleting one."""
         base = self.base_python()
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=self.root))
+        key = layer_key(requirements_sha, base)
+        path = self.layers / key
+        self.layers.mkdir(parents=True, exist_ok=True)
+        with venv_lock(self.root, f"layer-{key}"):
+            problem = None
+            if path.exists() or path.is_symlink():
+                problem = self.validate(path, requirements_sha)
+                meta = read_meta(path)
+                if problem is None and meta is not None:
+                    event(self.logger, "Reusing installed packages", layer=key,
+                          package_id=package_id)
+                    yield _Layer(key, path, meta, reused=True)
+                    return
+                event(self.logger, "Invalid layer found, rebuilding", logging.WARNING,
+                      layer=key, reason=problem)
+                try:
+                    self._discard(path)
+                except OSError as exc:
+                    raise _os_error(exc, f"layer {key}") from exc
+            meta = self._build_layer(installer, key, package_id, requirements_text,
+                                     requirements_sha)
+            yield _Layer(key, path, meta, reused=False)
+
+    def _build_layer(self, installer: Installer, key: str, package_id: str,
+                     requirements_text: str, requirements_sha: str) -> VenvMeta:
+        """Install the requirements into a new layer: a temporary sibling, validated, renamed."""
+        final = self.layers / key
+        fields = {"layer": key, "package_id": package_id, "installer": installer.name}
+        base = self.base_python()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key}-", dir=self.layers))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it 0700; agents run as other users
             with Timer() as total:
                 event(self.logger, "Creating virtual environment", **fields,
                       python=str(base.path), python_version=base.version)
                 with Timer() as create:
-                    installer.create_venv(path=tmp, python=base.path, prompt=name)
+                    installer.create_venv(path=tmp, python=base.path, prompt=key)
                 req_file = tmp / REQUIREMENTS_FILE
                 atomic_write_text(req_file, requirements_text)
                 install_seconds = 0.0
@@ -536,22 +700,58 @@ class VenvManager:
                     install_seconds = install.seconds
                 _relocate(tmp, final)
                 now = round(time.time(), 3)
-                write_meta(tmp, VenvMeta(
-                    package_id=package_id, agent_app_id=agent_app_id,
+                meta = VenvMeta(
+                    package_id=package_id, agent_app_id=None,
                     requirements_sha256=requirements_sha,
                     python=str(base.path), python_version=base.version,
                     installer=installer.name, installer_version=installer.version(),
                     created_at=now, build_seconds=round(time.monotonic() - total.start, 3),
                     last_used=now,
-                ))
+                )
+                write_meta(tmp, meta)
+                problem = self.validate(tmp, requirements_sha)
+                if problem is not None:
+                    raise ParError("venv_invalid",
+                                   f"the new layer {key} does not validate: {problem}", None, 500)
+                os.rename(tmp, final)
+                fsync_dir(self.layers)
+                self._renamed(tmp, final)
+            event(self.logger, "Layer built", **fields, create_seconds=create.seconds,
+                  install_seconds=install_seconds, seconds=total.seconds)
+            return meta
+        except OSError as exc:
+            raise _os_error(exc, f"layer {key}") from exc
+        finally:
+            self._remove_quietly(tmp)
+
+    def _build(self, name: str, agent_app_id: str | None, package_id: str,
+               requirements_text: str, requirements_sha: str, layer: _Layer) -> float:
+        """Make venv `name` linking `layer`: a temporary sibling, validated, renamed."""
+        final = self.root / name
+        fields = {"venv": name, "package_id": package_id, "layer": layer.key}
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=self.root))
+        try:
+            tmp.chmod(0o755)
+            with Timer() as total:
+                if layer.reused:
+                    event(self.logger, "Creating virtual environment", **fields,
+                          python=layer.meta.python, python_version=layer.meta.python_version)
+                _link_layer(tmp, layer.path, prompt=name)
+                atomic_write_text(tmp / REQUIREMENTS_FILE, requirements_text)
+                now = round(time.time(), 3)
+                write_meta(tmp, dataclasses.replace(
+                    layer.meta, package_id=package_id, agent_app_id=agent_app_id,
+                    created_at=now, last_used=now, layer=layer.key,
+                    build_seconds=round(time.monotonic() - total.start, 3)))
                 problem = self.validate(tmp, requirements_sha)
                 if problem is not None:
                     raise ParError("venv_invalid",
                                    f"the new venv {name} does not validate: {problem}", None, 500)
                 os.rename(tmp, final)
                 fsync_dir(self.root)
-            event(self.logger, "Venv built", **fields, create_seconds=create.seconds,
-                  install_seconds=install_seconds, seconds=total.seconds)
+                self._renamed(tmp, final)
+            event(self.logger, "Venv built", **fields, installer=layer.meta.installer,
+                  layer_reused=layer.reused, seconds=total.seconds)
             return total.seconds
         except OSError as exc:
             raise _os_error(exc, name) from exc
@@ -571,9 +771,9 @@ class VenvManager:
     def _discard(self, path: Path) -> None:
         """Delete a venv: rename it out of the way first, so a crash halfway
         through the deletion never leaves a half-deleted venv under its name."""
-        trash = self.root / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
+        trash = path.parent / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, trash)
-        fsync_dir(self.root)
+        fsync_dir(path.parent)
         self._remove_quietly(trash)
 
     # -- eviction -------------------------------------------------------------------
@@ -593,14 +793,15 @@ class VenvManager:
 
     def _evict(self, protect: set[str], incoming: int, *, all_unused: bool = False) -> list[str]:
         """Delete least-recently-used venvs not in `protect` until the budget
-        (cfg.venvs) holds with `incoming` more venvs; return the evicted names."""
+        (cfg.venvs) holds with `incoming` more venvs; return the evicted names.
+        Layers are counted in the bytes and deleted with the last venv linking them."""
         budget = self.cfg.venvs
         present = {p.name: p for p in _venv_dirs(self.root)}
         last_used = {n: self._last_used(p) for n, p in present.items()}
         recent = time.time() - self.evict_grace_s
         candidates = sorted((n for n in present if n not in protect and last_used[n] < recent),
                             key=lambda n: last_used[n])
-        sizes: dict[str, dict[tuple[int, int], int]] | None = None
+        sizes: dict[Path, dict[tuple[int, int], int]] | None = None
 
         def reason() -> str | None:
             nonlocal sizes
@@ -611,10 +812,10 @@ class VenvManager:
             if self._free_bytes() < budget.min_free_bytes:
                 return "min_free_bytes"
             if sizes is None:  # walked once, only when the cheap checks pass
-                sizes = {n: _inodes(p) for n, p in present.items()}
+                sizes = {p: _inodes(p) for p in [*present.values(), *_venv_dirs(self.layers)]}
             union: dict[tuple[int, int], int] = {}
-            for n in present:
-                union.update(sizes[n])
+            for tree in sizes.values():
+                union.update(tree)
             if sum(union.values()) > budget.max_bytes:
                 return "max_bytes"
             return None
@@ -634,13 +835,53 @@ class VenvManager:
             evicted.append(name)
             self.counters.add("evictions")
             event(self.logger, "Evicted venv", venv=name, reason=why, last_used=last_used[name])
+            for layer in self._drop_unlinked_layers():
+                if sizes is not None:
+                    sizes.pop(layer, None)
+            if sizes is not None:
+                sizes.pop(self.root / name, None)
         return evicted
+
+    def _drop_unlinked_layers(self) -> list[Path]:
+        """Delete the layers no venv links (builds in progress included); return them."""
+        def linked() -> set[str]:
+            return {os.path.realpath(layer) for p in _all_dirs(self.root)
+                    if (layer := linked_layer(p)) is not None}
+
+        dropped = []
+        in_use = linked()
+        for layer in _venv_dirs(self.layers):
+            if os.path.realpath(layer) in in_use:
+                continue
+            with venv_lock(self.root, f"layer-{layer.name}", blocking=False) as locked:
+                # a build holding the lock is about to link it; look again under the lock
+                if not locked or os.path.realpath(layer) in linked():
+                    continue
+                try:
+                    self._discard(layer)
+                except FileNotFoundError:
+                    continue
+            dropped.append(layer)
+            event(self.logger, "Removed unused layer", layer=layer.name)
+        return dropped
+
+    def remove(self, name: str) -> bool:
+        """Delete venv `name` (under its lock) and the layer it leaves unlinked; False
+        when there was no such venv."""
+        path = self.root / name
+        with venv_lock(self.root, name):
+            if not (path.exists() or path.is_symlink()):
+                return False
+            self._discard(path)
+        self._drop_unlinked_layers()
+        return True
 
     def prune(self, in_use: set[str], *, all_unused: bool = False) -> list[str]:
         """Evict until the budget holds (or, with `all_unused`, every venv not in
-        `in_use`), then drop shared bytecode no venv links any more; return the
-        evicted names."""
+        `in_use`), drop layers no venv links and shared bytecode no venv links any
+        more; return the evicted names."""
         evicted = self._evict(set(in_use), incoming=0, all_unused=all_unused)
+        self._drop_unlinked_layers()
         self._prune_bytecode_store()
         return evicted
 
@@ -661,14 +902,22 @@ class VenvManager:
     # -- listing and prewarm ----------------------------------------------------------
 
     def list(self, in_use_by: Mapping[str, Iterable[str]] | None = None) -> list[VenvInfo]:
-        """Every venv with its size (hardlinks counted once), last use and users.
+        """Every venv with its size (with its layer; hardlinks counted once), last use,
+        users, and the layer it shares.
 
         `in_use_by` maps a venv name to the deployments using it.
         """
         in_use_by = in_use_by or {}
+        venvs = _venv_dirs(self.root)
+        layers = {p: linked_layer(p) for p in venvs}
+        users: dict[Path, int] = {}
+        for layer in layers.values():
+            if layer is not None:
+                users[layer] = users.get(layer, 0) + 1
         out = []
-        for path in _venv_dirs(self.root):
+        for path in venvs:
             meta = read_meta(path)
+            layer = layers[path]
             out.append(VenvInfo(
                 name=path.name, path=path, size_bytes=disk_usage([path]),
                 last_used=self._last_used(path),
@@ -677,6 +926,8 @@ class VenvManager:
                 agent_app_id=meta.agent_app_id if meta else None,
                 python_version=meta.python_version if meta else None,
                 installer=meta.installer if meta else None,
+                layer=layer.name if layer is not None else None,
+                layer_users=users.get(layer, 0) if layer is not None else 0,
             ))
         return out
 

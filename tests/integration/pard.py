@@ -197,6 +197,18 @@ def new_root(tag: str) -> Path:
     return IT_ROOT / f"{tag}-{uuid.uuid4().hex[:8]}"
 
 
+def temp_leftovers(state: Path) -> list[str]:
+    """Temporary folders and files (`.tmp-...`, `.part` ...) left in PAR's state: those
+    of packages, extractions, venvs and the venvs' shared layers."""
+    left = []
+    for folder in ("packages", "extracted", "venvs", "venvs/.layers"):
+        base = state / folder
+        if base.is_dir():
+            left += [f"{folder}/{p.name}" for p in base.iterdir()
+                     if p.name.startswith(".") and p.name not in (".locks", ".layers")]
+    return left
+
+
 def agent_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """GET http://127.0.0.1:port/path → (status, body)."""
     import urllib.error

@@ -77,7 +77,9 @@ def test_agent_sandbox(pard: Pard) -> None:
     # PAR's store and other agents' files are hidden
     assert not invoke(pa, {"op": "read", "path": str(state / "state" / "par.db")})["ok"]
     listing = invoke(pa, {"op": "listdir", "path": str(state / "venvs")})
-    assert listing["ok"] and listing["entries"] == [a["venv"]], listing
+    assert listing["ok"] and listing["entries"] == [".layers", a["venv"]], listing
+    layers = invoke(pa, {"op": "listdir", "path": str(state / "venvs" / ".layers")})
+    assert layers["ok"] and len(layers["entries"]) == 1, layers  # only the one it links
     assert invoke(pa, {"op": "write", "path": "/tmp/ok"})["ok"]  # a private /tmp
 
 

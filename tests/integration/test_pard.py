@@ -16,11 +16,12 @@ import pytest
 
 from par.client import ApiError
 from par.units import Systemd
+from par.venvs import linked_layer
 from tests.wheels import build_hanging_sdist, build_wheel
 
 from . import agents
 from .conftest import wait_for
-from .pard import TEST_TOKEN, Pard, agent_get, apkg_with, serve_files, sh
+from .pard import TEST_TOKEN, Pard, agent_get, apkg_with, serve_files, sh, temp_leftovers
 
 TOKEN = TEST_TOKEN
 
@@ -69,12 +70,6 @@ def kill9_pard(pard: Pard) -> None:
             return False
 
     wait_for(back, timeout=60, interval=0.2)
-
-
-def no_temp_leftovers(pard: Pard) -> None:
-    for folder in ("venvs", "extracted", "packages"):
-        left = [p.name for p in (pard.state / folder).iterdir() if p.name.startswith(".")]
-        assert not [x for x in left if x not in (".locks",) and not x.endswith(".lock")], (folder, left)
 
 
 def test_hello_agent_deploys_healthy(pard: Pard) -> None:
@@ -187,7 +182,7 @@ def test_kill9_while_downloading(pard: Pard) -> None:
         kill9_pard(pard)
     d = pard.client().deployment(b["deploymentId"])
     assert d["status"] == "failed" and d["error"]["code"] == "interrupted"
-    no_temp_leftovers(pard)
+    assert temp_leftovers(pard.state) == []
     assert pard.deploy("dl-victim", apkg)["status"] == "healthy"
 
 
@@ -196,14 +191,18 @@ def test_kill9_while_building_the_venv(pard: Pard) -> None:
     apkg = apkg_with(pard.root / "apkg", agents.with_requirements("build-victim", "parhang\n"))
     res = pard.deploy("build-victim", apkg, wait=False)
     wait_for(lambda: pard.client().deployment(res["deploymentId"])["status"] == "loading")
-    wait_for(lambda: any(p.name.startswith(".") and "build-victim" in p.name
-                         for p in (pard.state / "venvs").iterdir()), timeout=30)
+    # the installer runs in the temporary folder of the requirements' new layer
+    wait_for(lambda: list((pard.state / "venvs" / ".layers").glob(".tmp-*")), timeout=30)
     time.sleep(0.5)  # the installer is running
     kill9_pard(pard)
     d = pard.client().deployment(res["deploymentId"])
     assert d["status"] == "failed" and d["error"]["code"] == "interrupted"
-    no_temp_leftovers(pard)
+    assert temp_leftovers(pard.state) == []
     assert not [p for p in (pard.state / "venvs").iterdir() if p.name.startswith("build-victim")]
+    # no half-built layer: every layer is one a venv links
+    venvs = [p for p in (pard.state / "venvs").iterdir() if not p.name.startswith(".")]
+    linked = {layer.name for v in venvs if (layer := linked_layer(v)) is not None}
+    assert {p.name for p in (pard.state / "venvs" / ".layers").iterdir()} <= linked
     ok = pard.deploy("build-victim", apkg_with(pard.root / "apkg", agents.probe("build-victim")))
     assert ok["status"] == "healthy"
 

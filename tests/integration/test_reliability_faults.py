@@ -25,7 +25,7 @@ import pytest
 from par.client import ApiError, DaemonUnreachable
 from par.store import Deployment, Store
 from tests.integration import agents
-from tests.integration.pard import Pard, apkg_with, new_root, sh
+from tests.integration.pard import Pard, apkg_with, new_root, sh, temp_leftovers
 from tests.reliability_cases import (
     Case,
     Resident,
@@ -138,13 +138,6 @@ def resident_of(d: dict) -> Resident:
     return Resident(d["agentAppId"], d["deploymentId"], main_pid(unit), d["ports"]["rest"])
 
 
-def no_temp_leftovers(state: Path) -> None:
-    for folder in ("packages", "extracted", "venvs"):
-        left = [p.name for p in (state / folder).iterdir()
-                if p.name.startswith(".") and p.name != ".locks"]
-        assert not left, (folder, left)
-
-
 # ---------------------------------------------------------------- restart under load
 
 
@@ -251,7 +244,7 @@ def test_restart_under_load(pard: Pard) -> None:
     for agent, pid in serving.items():  # adopted, not restarted
         assert main_pid(f"par-agent@{agent}.service") == pid, agent
     bystander.assert_untouched()
-    no_temp_leftovers(pard.state)
+    assert temp_leftovers(pard.state) == []
     # what the restart interrupted deploys again
     for d in final.values():
         if d["status"] == "failed":

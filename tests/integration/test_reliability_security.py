@@ -297,7 +297,13 @@ def test_agent_sees_no_state(world: World) -> None:
     assert refused(world.invoke(a, op="write", path=f"{pythonpath}/par_agent_host/x.py"))
     assert world.invoke(a, op="list", path=str(state / "extracted"))["entries"] == \
         ["sc-a@1.0.0"]
-    assert world.invoke(a, op="list", path=str(state / "venvs"))["entries"] == [a["venv"]]
+    assert world.invoke(a, op="list", path=str(state / "venvs"))["entries"] == \
+        [".layers", a["venv"]]
+    # of the shared layers of installed packages, only the one its venv links
+    site = world.invoke(a, op="env", name="AGENT_VENV_PATH")["value"]
+    layers = world.invoke(a, op="list", path=str(state / "venvs" / ".layers"))["entries"]
+    assert len(layers) == 1 and (world.pard.state / "venvs" / ".layers" / layers[0]).is_dir()
+    assert Path(site).name == a["venv"]
     for hidden in ("packages", "state", "state/par.db"):
         assert refused(world.invoke(a, op="list", path=str(state / hidden)))
     assert refused(world.invoke(a, op="read", path=str(state / "state" / "par.db")))

@@ -468,7 +468,9 @@ def test_logs_execs_journalctl_with_the_flags(app: App, sockdir: Path) -> None:
 def test_venv_commands(pard: FakePard, app: App, tmp_path: Path) -> None:
     pard.on("GET", "/venvs", (200, {"venvs": [
         {"name": "hello_1a2b3c4", "sizeBytes": 33 * 1024**2, "lastUsed": None,
-         "inUseBy": ["hello"]}]}))
+         "inUseBy": ["hello"], "layer": "0123456789abcdef", "layerShared": 2},
+        {"name": "other_7654321", "sizeBytes": 1024**2, "lastUsed": None, "inUseBy": [],
+         "layer": "fedcba9876543210", "layerShared": 1}]}))
     pard.on("POST", "/venvs/prune", (200, {"evicted": ["old_7654321"]}))
     pard.on("POST", "/venvs/prewarm", (200, {"seconds": 1.25}))
     requirements = tmp_path / "requirements.txt"
@@ -476,7 +478,10 @@ def test_venv_commands(pard: FakePard, app: App, tmp_path: Path) -> None:
 
     result = run(pard.socket_path, app, "venv", "list")
     assert result.exit_code == 0
-    assert result.output.splitlines()[1].split() == ["hello_1a2b3c4", "33.0", "MiB", "-", "hello"]
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["hello_1a2b3c4", "33.0", "MiB", "shared", "by", "2", "-", "hello"]
+    assert lines[2].split() == ["other_7654321", "1.0", "MiB", "own", "-", "-"]
+    assert "counted once on disk" in lines[-1]
     assert json.loads(run(pard.socket_path, app, "venv", "list", "--json").output)["venvs"][0][
         "inUseBy"] == ["hello"]
 

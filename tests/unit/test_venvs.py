@@ -27,6 +27,7 @@ from par.config import Venvs as VenvsConfig
 from par.errors import ParError
 from par.installers import Installer, select_installer
 from par.venvs import (
+    LAYER_DIR,
     METADATA_FILE,
     VenvManager,
     VenvMeta,
@@ -138,9 +139,18 @@ def run_py(venv: Path, code: str) -> str:
 
 
 def leftovers(cfg: config.Config) -> list[str]:
-    """Everything in the venvs folder except the lock folder."""
+    """Everything in the venvs folder except the lock and layer folders, then any
+    temporary folder among the layers."""
     root = cfg.paths.venvs
-    return sorted(p.name for p in root.iterdir() if p.name != ".locks") if root.exists() else []
+    if not root.exists():
+        return []
+    own = sorted(p.name for p in root.iterdir() if p.name not in (".locks", LAYER_DIR))
+    return own + sorted(p.name for p in (root / LAYER_DIR).glob(".tmp-*"))
+
+
+def layers(cfg: config.Config) -> list[str]:
+    """The layers (shared installed packages) in the venvs folder."""
+    return sorted(p.name for p in (cfg.paths.venvs / LAYER_DIR).glob("[!.]*"))
 
 
 # -- naming ----------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ def test_build_then_reuse(tmp_path, wheelhouse, recorder, kind):
     assert (meta.requirements_sha256, meta.installer, meta.package_id, meta.agent_app_id) == (
         sha(text), kind, "demo@1.0", "agent-a")
     assert meta.python == "/usr/bin/python3" and meta.python_version.count(".") == 2
-    assert leftovers(cfg) == [first.name]
+    assert leftovers(cfg) == [first.name] and layers(cfg) == [meta.layer]
     assert oct(first.path.stat().st_mode & 0o777) == "0o755"
 
     second = ensure(m, text)
@@ -237,21 +247,59 @@ def _broken_python(venv: Path) -> None:
     python.chmod(0o755)
 
 
+@pytest.mark.parametrize("where", ["venv", "layer"])
 @pytest.mark.parametrize("corrupt", [_delete_python, _garbage_metadata, _other_hash,
                                      _wrong_prefix, _old_interpreter, _broken_python])
-def test_corrupted_venv_is_rebuilt(tmp_path, wheelhouse, recorder, corrupt):
+def test_corrupted_venv_is_rebuilt(tmp_path, wheelhouse, recorder, corrupt, where):
+    """Damage to an agent's own venv rebuilds that venv over the same layer; damage to
+    the layer (its installed packages) reinstalls the layer too."""
     m, inst = manager(make_cfg(tmp_path, wheelhouse), recorder)
     first = ensure(m, "alpha==1.0\n")
     assert m.validate(first.path, sha("alpha==1.0\n")) is None
-    corrupt(first.path)
+    corrupt(first.path if where == "venv" else first.layer)
     assert m.validate(first.path, sha("alpha==1.0\n")) is not None
     again = ensure(m, "alpha==1.0\n")
-    assert not again.reused and inst.installs == 2
+    assert not again.reused and inst.installs == (1 if where == "venv" else 2)
     invalid = recorder.named("Invalid venv found, rebuilding")
     assert len(invalid) == 1 and invalid[0]["venv"] == first.name and invalid[0]["reason"]
+    assert (where == "layer") == ("its layer" in invalid[0]["reason"])
     assert m.validate(again.path, sha("alpha==1.0\n")) is None
     assert run_py(again.path, "import alpha; print(alpha.VERSION)") == "1.0"
-    assert leftovers(m.cfg) == [first.name]
+    assert leftovers(m.cfg) == [first.name] and layers(m.cfg) == [first.layer.name]
+
+
+def test_same_requirements_share_one_layer(tmp_path, wheelhouse, recorder):
+    """A second agent with the same requirements gets its own venv without an install;
+    the installed packages exist once; the layer goes with the last venv linking it."""
+    cfg = make_cfg(tmp_path, wheelhouse)
+    m, inst = manager(cfg, recorder, evict_grace_s=0)
+    a = ensure(m, "alpha==1.0\n", agent="agent-a")
+    b = ensure(m, "alpha==1.0\n", agent="agent-b")
+    other = ensure(m, "alpha==2.0\n", agent="agent-a")
+    assert inst.installs == 2 and a.layer == b.layer != other.layer
+    assert a.path != b.path and a.path.name != b.path.name
+    assert recorder.named("Reusing installed packages")[0]["layer"] == a.layer.name
+    for venv in (a, b):
+        assert run_py(venv.path, "import sys, alpha; print(sys.prefix, alpha.VERSION)") == \
+            f"{venv.path} 1.0"
+        assert read_meta(venv.path).layer == a.layer.name and m.layer_path(venv.path) == a.layer
+        # console scripts of the layer run from each venv
+        cli = subprocess.run([str(venv.path / "bin" / "alpha-cli")], capture_output=True,
+                             text=True, timeout=30)
+        assert cli.stdout.strip() == "alpha-cli 1.0", cli.stderr
+    # disk: the second venv costs its own small files only
+    one, both = disk_usage([a.path]), disk_usage([a.path, b.path])
+    assert both - one < 64 * 1024 < one
+    rows = {r.name: r for r in m.list()}
+    assert rows[a.name].layer_users == rows[b.name].layer_users == 2
+    assert rows[other.name].layer_users == 1
+    # the layer stays while one venv links it, and goes with the last one
+    assert m.prune({b.name, other.name}, all_unused=True) == [a.name]
+    assert sorted(layers(cfg)) == sorted([a.layer.name, other.layer.name])
+    assert run_py(b.path, "import alpha; print(alpha.VERSION)") == "1.0"
+    assert m.prune({other.name}, all_unused=True) == [b.name]
+    assert layers(cfg) == [other.layer.name]
+    assert [e["layer"] for e in recorder.named("Removed unused layer")] == [a.layer.name]
 
 
 def test_validation_runs_the_venvs_python_again_only_after_a_change(
@@ -325,6 +373,7 @@ def test_missing_requirement_fails_cleanly(tmp_path, wheelhouse, recorder, kind)
     assert leftovers(m.cfg) == []
     assert m.counters.snapshot()["failures"] == 1
     assert recorder.named("Venv build failed")[0]["code"] == "dependency_install_failed"
+    assert layers(m.cfg) == []
 
 
 def _pid_gone(pid: int) -> bool:
@@ -394,8 +443,8 @@ try:
     code = None
 except ParError as exc:
     code = exc.code
-left = sorted(p.name for p in cfg.paths.venvs.iterdir() if p.name != ".locks")
-print(json.dumps({"code": code, "left": left}))
+from tests.unit.test_venvs import layers, leftovers
+print(json.dumps({"code": code, "left": leftovers(cfg) + layers(cfg)}))
 """
 
 
@@ -558,7 +607,7 @@ def test_prune_respects_budget_in_use_and_grace(tmp_path, wheelhouse, recorder):
     store = cfg.paths.cache_dir / "pyc"
     assert list(store.rglob("*.pyc"))  # alpha's bytecode, shared by the venvs
     assert m.prune(set(), all_unused=True) == [built[1]]
-    assert leftovers(cfg) == []
+    assert leftovers(cfg) == [] and layers(cfg) == []  # the layer went with its last venv
     assert not list(store.rglob("*.pyc"))  # no venv links it any more
 
 
@@ -596,8 +645,7 @@ def test_prewarm_fills_the_cache_for_offline_builds(tmp_path, wheelhouse, record
     r = ensure(m, "beta==1.0\n")
     assert not r.reused and run_py(r.path, "import beta, alpha; print(alpha.VERSION)") == "2.0"
     # and without prewarm the same offline build fails: the test can fail
-    cold = dataclasses.replace(offline, paths=dataclasses.replace(
-        offline.paths, cache_dir=tmp_path / "cold-cache"))
+    cold = config.with_state_dir(offline, tmp_path / "cold-state", tmp_path / "cold-cache")
     with pytest.raises(ParError):
         VenvManager(cold, recorder.logger).ensure(
             "agent-cold", "demo@1.0", "beta==1.0\n", sha("beta==1.0\n"), set())
@@ -620,10 +668,13 @@ def test_metadata_round_trip_and_refusal(tmp_path):
     write_meta(tmp_path, meta)
     assert read_meta(tmp_path) == meta
     raw = json.loads((tmp_path / METADATA_FILE).read_text())
-    assert raw["schema"] == 1
-    raw["schema"] = 99
-    (tmp_path / METADATA_FILE).write_text(json.dumps(raw))
-    assert read_meta(tmp_path) is None
+    assert raw["schema"] == 2 and raw["layer"] is None
+    linked = dataclasses.replace(meta, layer="0123456789abcdef")
+    write_meta(tmp_path, linked)
+    assert read_meta(tmp_path) == linked
+    for key, bad in (("schema", 99), ("schema", 1), ("layer", "../x"), ("layer", 5)):
+        (tmp_path / METADATA_FILE).write_text(json.dumps({**raw, key: bad}))
+        assert read_meta(tmp_path) is None, (key, bad)
 
 
 def test_cache_and_venvs_share_a_filesystem_by_default(tmp_path, wheelhouse):
