@@ -5,13 +5,17 @@ Offline and repeatable: every package comes from the local wheelhouse
 (`scripts/install-deps` fills `.cache/wheelhouse`).  In one run it times
 
   (a) the existing runtime's path: `python -m venv` + `pip install --cache-dir` (warm cache)
-  (b) PAR with uv (warm shared cache, hardlinks)
-  (c) PAR with pip (warm cache)
+  (b) PAR with uv, requirements new to the host (warm shared cache, hardlinks): uv
+      installs a new layer, the agent's venv links it
+  (e) PAR, requirements another agent already has: a new venv linking their layer
+  (c) PAR with pip, requirements new to the host (warm cache)
   (d) reuse of a valid venv
 
-and prints medians, the ratios a/b and a/c, the disk used by 5 venvs with the
-same requirements (hardlinked files counted once), and what compiling bytecode
-costs at build time and saves at import time (read-only venv).
+Each run of (b), (c) and the no-bytecode build adds a comment line of its own to
+the requirements, so their hash is new and a layer is really installed.  It
+prints medians, the ratios a/b, a/e and a/c, the disk used by 5 venvs with the
+same requirements (hardlinked files and shared layers counted once), and what
+compiling bytecode costs at build time and saves at import time (read-only venv).
 
     /usr/bin/python3 bench/venv_build.py             # the typical agent set, 5 runs
     /usr/bin/python3 bench/venv_build.py --smoke     # 1 run, a tiny set (the test suite)
@@ -92,7 +96,6 @@ def run(args: argparse.Namespace) -> dict:
     runs = 1 if args.smoke else args.runs
     text = SMOKE_REQUIREMENTS if args.smoke else args.requirements.read_text()
     modules = SMOKE_IMPORTS if args.smoke else TYPICAL_IMPORTS
-    sha = hashlib.sha256(text.encode()).hexdigest()
     work = Path(tempfile.mkdtemp(prefix="par-bench-", dir=args.workdir))
     quiet = logging.getLogger("par-bench")
     quiet.addHandler(logging.NullHandler())
@@ -121,10 +124,16 @@ def run(args: argparse.Namespace) -> dict:
             remove_tree(work / "legacy-warm")
             pip.prewarm(req)
 
-        def ensure(m: VenvManager, agent: str):
-            return m.ensure(agent, "bench@1.0", text, sha, set())
+        def ensure(m: VenvManager, agent: str, requirements: str = text):
+            sha = hashlib.sha256(requirements.encode()).hexdigest()
+            return m.ensure(agent, "bench@1.0", requirements, sha, set())
 
-        a, b, c, d, b_nocompile = [], [], [], [], []
+        def new_to_host(tag: str) -> str:
+            """The same requirements with a comment line of their own: a new layer."""
+            return f"{text.rstrip()}\n# {tag}\n"
+
+        shared = [ensure(uv, "bench-shared-0").path]  # the layer (e) reuses: not timed
+        a, b, c, d, e, b_nocompile = [], [], [], [], [], []
         uv_venvs, pip_venvs = [], []
         for i in range(runs):
             legacy = work / f"legacy-{i}"
@@ -132,44 +141,46 @@ def run(args: argparse.Namespace) -> dict:
             if i > 0:
                 remove_tree(legacy)  # keep one for the disk comparison
             t = time.monotonic()
-            uv_venvs.append(ensure(uv, f"bench-uv-{i}").path)
+            uv_venvs.append(ensure(uv, f"bench-uv-{i}", new_to_host(f"uv {i}")).path)
             b.append(time.monotonic() - t)
             t = time.monotonic()
-            pip_venvs.append(ensure(pip, f"bench-pip-{i}").path)
+            shared.append(ensure(uv, f"bench-shared-{i + 1}").path)
+            e.append(time.monotonic() - t)
+            t = time.monotonic()
+            pip_venvs.append(ensure(pip, f"bench-pip-{i}", new_to_host(f"pip {i}")).path)
             c.append(time.monotonic() - t)
             t = time.monotonic()
-            reused = ensure(uv, "bench-uv-0")
+            reused = ensure(uv, "bench-uv-0", new_to_host("uv 0"))
             d.append(time.monotonic() - t)
             assert reused.reused, "reuse did not reuse"
             t = time.monotonic()
-            ensure(uv_nocompile, f"bench-nobc-{i}")
+            ensure(uv_nocompile, f"bench-nobc-{i}", new_to_host(f"nobc {i}"))
             b_nocompile.append(time.monotonic() - t)
-        for i in range(len(uv_venvs), 5):  # disk needs 5 same-requirement venvs
-            uv_venvs.append(ensure(uv, f"bench-uv-{i}").path)
+        for i in range(len(shared), 5):  # disk needs 5 same-requirement venvs
+            shared.append(ensure(uv, f"bench-shared-{i}").path)
 
         uv_cache = base.paths.cache_dir / "uv"
-        one = disk_usage(uv_venvs[:1])
-        five = disk_usage(uv_venvs[:5])
-        one_with_cache = disk_usage([uv_venvs[0], uv_cache])
-        five_with_cache = disk_usage([*uv_venvs[:5], uv_cache])
-        nobc = sorted(base.paths.venvs.glob(f"bench-nobc-*_{sha[:7]}"))
-        nobc_ratio = disk_usage(nobc) / disk_usage(nobc[:1]) if len(nobc) >= 5 else None
+        one = disk_usage(shared[:1])
+        five = disk_usage(shared[:5])
+        one_with_cache = disk_usage([shared[0], uv_cache])
+        five_with_cache = disk_usage([*shared[:5], uv_cache])
+        own_layer = disk_usage(uv_venvs[:1])
         legacy_one = disk_usage([work / "legacy-0"])
         pip_one = disk_usage(pip_venvs[:1])
 
         compiled = uv_venvs[0]
-        uncompiled = base.paths.venvs / f"bench-nobc-0_{sha[:7]}"
+        uncompiled = next(base.paths.venvs.glob("bench-nobc-0_*"))
         import_runs = max(3, runs)
         imp_compiled = import_seconds(compiled, modules, import_runs, write_bytecode=False)
         imp_readonly = import_seconds(uncompiled, modules, import_runs, write_bytecode=False)
         # The first build on a host compiles every module (later ones link):
         # compile a fresh venv against an empty bytecode store.
-        cold_venv = ensure(uv_nocompile, "bench-cold").path
+        cold_venv = ensure(uv_nocompile, "bench-cold", new_to_host("cold")).path
         cold_cfg = dataclasses.replace(base, paths=dataclasses.replace(
             base.paths, cache_dir=work / "cold-cache"))
         cold = _check(compile_bytecode(cold_cfg, cold_venv, 600)).seconds
 
-        ma, mb, mc, md = _median(a), _median(b), _median(c), _median(d)
+        ma, mb, mc, md, me = _median(a), _median(b), _median(c), _median(d), _median(e)
         return {
             "requirements": "smoke: " + text.replace("\n", " ").strip() if args.smoke
             else str(args.requirements.relative_to(REPO)),
@@ -181,7 +192,9 @@ def run(args: argparse.Namespace) -> dict:
             "b_par_uv_s": round(mb, 3),
             "c_par_pip_s": round(mc, 3),
             "d_reuse_ms": round(md * 1000, 1),
+            "e_par_shared_layer_s": round(me, 3),
             "ratio_a_b": round(ma / mb, 1),
+            "ratio_a_e": round(ma / me, 1),
             "ratio_a_c": round(ma / mc, 2),
             "disk_uv_1_venv_mb": round(one / MB, 1),
             "disk_uv_5_venvs_mb": round(five / MB, 1),
@@ -189,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
             "disk_uv_1_venv_plus_cache_mb": round(one_with_cache / MB, 1),
             "disk_uv_5_venvs_plus_cache_mb": round(five_with_cache / MB, 1),
             "disk_uv_5_over_1_with_cache": round(five_with_cache / one_with_cache, 2),
-            "disk_uv_5_over_1_no_bytecode": round(nobc_ratio, 2) if nobc_ratio else None,
+            "disk_uv_venv_with_own_layer_mb": round(own_layer / MB, 1),
             "disk_legacy_1_venv_mb": round(legacy_one / MB, 1),
             "disk_legacy_5_venvs_mb": round(5 * legacy_one / MB, 1),
             "disk_par_pip_1_venv_mb": round(pip_one / MB, 1),
@@ -199,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             "import_compiled_ms": round(imp_compiled * 1000, 1),
             "import_readonly_uncompiled_ms": round(imp_readonly * 1000, 1),
             "import_gain_ms": round((imp_readonly - imp_compiled) * 1000, 1),
-            "raw": {"a": a, "b": b, "c": c, "d": d, "b_no_bytecode": b_nocompile},
+            "raw": {"a": a, "b": b, "c": c, "d": d, "e": e, "b_no_bytecode": b_nocompile},
         }
     finally:
         if not args.keep:
@@ -211,14 +224,15 @@ def render(r: dict) -> str:
         f"requirements: {r['requirements']}  runs: {r['runs']}  python {r['python']}  "
         f"uv {r['uv_version']}  pip {r['pip_version']}",
         f"(a) python -m venv + pip install --cache-dir, warm  {r['a_legacy_s']:8.3f} s",
-        f"(b) PAR uv, warm cache                              {r['b_par_uv_s']:8.3f} s",
+        f"(b) PAR uv, new requirements, warm cache            {r['b_par_uv_s']:8.3f} s",
+        f"(e) PAR, requirements another venv has (its layer)  {r['e_par_shared_layer_s']:8.3f} s",
         f"(c) PAR pip, warm cache                             {r['c_par_pip_s']:8.3f} s",
         f"(d) reuse of a valid venv                           {r['d_reuse_ms']:8.1f} ms",
-        f"a/b = {r['ratio_a_b']}   a/c = {r['ratio_a_c']}",
+        f"a/b = {r['ratio_a_b']}   a/e = {r['ratio_a_e']}   a/c = {r['ratio_a_c']}",
         f"disk, uv: 1 venv {r['disk_uv_1_venv_mb']} MB, 5 venvs {r['disk_uv_5_venvs_mb']} MB "
         f"({r['disk_uv_5_over_1']}x); with the shared cache {r['disk_uv_1_venv_plus_cache_mb']} "
         f"-> {r['disk_uv_5_venvs_plus_cache_mb']} MB ({r['disk_uv_5_over_1_with_cache']}x)",
-        f"disk, uv without bytecode: 5 venvs {r['disk_uv_5_over_1_no_bytecode']}x one",
+        f"disk, a venv with a layer of its own (uv): {r['disk_uv_venv_with_own_layer_mb']} MB",
         f"disk, legacy: 1 venv {r['disk_legacy_1_venv_mb']} MB, 5 venvs "
         f"{r['disk_legacy_5_venvs_mb']} MB; PAR pip: 1 venv {r['disk_par_pip_1_venv_mb']} MB",
         f"bytecode: build +{r['bytecode_build_cost_s']:.3f} s (uv without: "

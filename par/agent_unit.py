@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from par.config import Config
-from par.fsutil import atomic_write_text
+from par.fsutil import write_if_changed
 from par.host_files import HOST_SOURCE
 from par.units import UnitSpec, unit_name
 
@@ -104,7 +104,7 @@ def write_host_spec(launch: AgentLaunch) -> Path:
         "ui_path": launch.ui_path,
     }
     path = spec_path(launch.package_root)
-    atomic_write_text(path, json.dumps(spec, indent=2) + "\n", mode=0o644)
+    write_if_changed(path, (json.dumps(spec, indent=2) + "\n").encode(), mode=0o644)
     return path
 
 
@@ -133,7 +133,7 @@ def write_env_file(cfg: Config, launch: AgentLaunch) -> Path:
     path = env_file_path(cfg, launch.agent_id)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    atomic_write_text(path, env_file_text(cfg, launch), mode=0o600)
+    write_if_changed(path, env_file_text(cfg, launch).encode(), mode=0o600)
     return path
 
 

@@ -33,7 +33,7 @@ from par.agent_unit import (EXIT_MEANING, AgentLaunch, env_file_path, unit_spec,
 from par.config import Config
 from par.deploy_request import DeployRequest, parse_deploy_request
 from par.errors import NotFound, ParError
-from par.extract import extract_package
+from par.extract import compile_sources, extract_package
 from par.fetch import fetch_package, package_path
 from par.fsutil import atomic_write_text, remove_tree
 from par.log import event
@@ -212,6 +212,7 @@ class Deployer:
             manifest = load_manifest(tmp_root, self.logger)
             read_dotenv(tmp_root)
             effective_requirements(tmp_root, manifest, self.cfg.installer.allow_index_options)
+            compile_sources(tmp_root)
             atomic_write_text(tmp_root / EXTRACT_MARKER, sha256 + "\n")
 
         return extract_package(self.cfg, d.agent_app_id, d.version, apkg, check=check)
@@ -266,14 +267,14 @@ class Deployer:
         launch = AgentLaunch(**{**launch.__dict__, "ports": ports})
         write_host_spec(launch)
         # only a previous deployment that was serving is brought back on failure
-        was_serving = previous is not None and \
-            self.systemd.status(unit_name(agent)).active_state == "active"
+        unit = self.systemd.status(unit_name(agent))
+        was_serving = previous is not None and unit.active_state == "active"
         if previous is not None:
-            self._stop_unit(agent, _stop_timeout(self.cfg, previous))
+            unit = self._stop_unit(agent, _stop_timeout(self.cfg, previous), current=unit)
             self.store.add_event(did, agent, "Stopped previous deployment",
                                  previous=previous.deployment_id)
         try:
-            st = self.start_unit(launch)
+            st = self.start_unit(launch, current=unit)
         except ParError:
             if previous is not None and was_serving:
                 self._roll_back(did, previous)
@@ -294,12 +295,14 @@ class Deployer:
         """The lock serializing everything done to one agent."""
         return self._agent_locks[agent]
 
-    def start_unit(self, launch: AgentLaunch) -> UnitStatus:
-        """Start the unit and wait for READY; on failure raise with the reason and leave no unit."""
+    def start_unit(self, launch: AgentLaunch, current: UnitStatus | None = None) -> UnitStatus:
+        """Start the unit and wait for READY; on failure raise with the reason and leave no unit.
+
+        `current`: the unit's status if the caller just read it."""
         spec = unit_spec(self.cfg, launch)
         write_env_file(self.cfg, launch)  # its secrets, read by PID 1 at every (re)start
         started = time.time()
-        self.systemd.start(spec)
+        self.systemd.start(spec, current)
         st = self.systemd.wait_active(spec.name, timeout=spec.timeout_start_s + 10)
         if st.active_state == "active":
             return st
@@ -348,11 +351,14 @@ class Deployer:
             self.store.fail(previous.deployment_id, exc.code,
                             f"could not restart after failed replacement {did}: {exc.message}")
 
-    def _stop_unit(self, agent: str, stop_timeout_s: float) -> UnitStatus:
+    def _stop_unit(self, agent: str, stop_timeout_s: float,
+                   current: UnitStatus | None = None) -> UnitStatus:
+        """Stop the agent's unit and forget a failed state; its status afterwards."""
         name = unit_name(agent)
-        st = self.systemd.stop(name, wait_s=stop_timeout_s + 10)
+        st = self.systemd.stop(name, wait_s=stop_timeout_s + 10, current=current)
         if st.exists and st.active_state == "failed":
             self.systemd.reset_failed(name)
+            st = self.systemd.status(name)
         return st
 
     def _fail(self, deployment_id: str, exc: ParError) -> None:

@@ -14,6 +14,7 @@ setuid/setgid/sticky bit survives.
 
 from __future__ import annotations
 
+import compileall
 import lzma
 import os
 import stat
@@ -319,6 +320,21 @@ def extract_package(cfg: Config, agent_id: str, version: str, apkg: Path,
             remove_tree(tmp)
             raise
     return final
+
+
+def compile_sources(root: Path) -> None:
+    """Compile the package's Python files into `__pycache__` beside them, readable by all.
+
+    The agent sees its package read-only and runs with PYTHONDONTWRITEBYTECODE,
+    so without this every start would compile the agent's own modules again.
+    Compiling runs none of the package's code; a file that does not compile is
+    left alone (importing it reports the error, naming the file, at start).
+    """
+    compileall.compile_dir(str(root), quiet=2, legacy=False)
+    for cache in root.rglob("__pycache__"):
+        os.chmod(cache, 0o755)  # pard's umask may be narrower; agents run as other users
+        for pyc in cache.iterdir():
+            os.chmod(pyc, 0o644)
 
 
 def cleanup_stale(cfg: Config) -> list[str]:

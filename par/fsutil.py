@@ -42,6 +42,20 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """`atomic_write_bytes` unless `path` already holds exactly `data` with `mode`;
+    True when it wrote.  (A redeploy rewrites the same small files: this spares
+    it two fsyncs each.)"""
+    try:
+        st = path.stat()
+        if st.st_mode & 0o7777 == mode and st.st_size == len(data) and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    atomic_write_bytes(path, data, mode)
+    return True
+
+
 def remove_tree(path: Path) -> None:
     """Delete a file or folder if it exists (no error when it is already gone)."""
     if path.is_symlink() or path.is_file():

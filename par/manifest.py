@@ -250,7 +250,9 @@ def load_manifest(root: Path, logger: logging.Logger | None = None) -> Manifest:
         raise ParError("manifest_yaml", f"agent.yaml is not UTF-8 text: {exc.reason}",
                        MANIFEST_NAME) from exc
     try:
-        raw = yaml.safe_load(text)
+        # libyaml's loader when Debian's python3-yaml has it (it does): same safe
+        # subset, several times faster, and every deploy reads a manifest
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""

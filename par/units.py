@@ -288,12 +288,13 @@ class Systemd:
         except Exception as exc:  # pystemd raises DBusError subclasses and OSError
             raise ParError("systemd_error", f"systemd call failed: {_dbus_message(exc)}", None, 500) from exc
 
-    def start(self, spec: UnitSpec) -> None:
+    def start(self, spec: UnitSpec, current: UnitStatus | None = None) -> None:
         """Start a transient unit for `spec`; a failed leftover of the same name is reset first.
 
+        `current`: the unit's status if the caller just read it (a stop returns it).
         Returns once systemd has queued the start job; use `wait_active` for readiness.
         """
-        current = self.status(spec.name)
+        current = current or self.status(spec.name)
         if current.active_state in ("active", "activating", "reloading", "deactivating"):
             raise ParError("unit_exists", f"{spec.name} is already {current.active_state}", None, 409)
         if current.exists:
@@ -303,13 +304,7 @@ class Systemd:
         args += _signature_array(properties(spec))
         args += [(ord(b"a"), b"(sa(sv))"), (-1, None)]  # no auxiliary units
         with self._bus() as bus:
-            bus.call_method(
-                b"org.freedesktop.systemd1",
-                b"/org/freedesktop/systemd1",
-                b"org.freedesktop.systemd1.Manager",
-                b"StartTransientUnit",
-                args,
-            )
+            bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"StartTransientUnit", args)
 
     def wait_active(self, name: str, timeout: float) -> UnitStatus:
         """Wait until the unit is `active` (READY for Type=notify), `failed` or gone, or
@@ -362,7 +357,7 @@ class Systemd:
         unit's state again: waits end as soon as the state does, with no polling.
         """
         with self._bus() as bus:
-            bus.call_method(_DEST, b"/org/freedesktop/systemd1", _MANAGER, b"Subscribe", [])
+            bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"Subscribe", [])
             bus.match_signal(_DEST, path_encode(_UNIT_PATH, name.encode()),
                              b"org.freedesktop.DBus.Properties", b"PropertiesChanged",
                              _ignore_signal)
@@ -380,34 +375,37 @@ class Systemd:
 
             yield changes
 
-    def stop(self, name: str, wait_s: float | None = None) -> UnitStatus:
-        """Stop a unit (SIGTERM, then SIGKILL after its TimeoutStopSec); wait up to `wait_s`."""
-        st = self.status(name)
+    def stop(self, name: str, wait_s: float | None = None,
+             current: UnitStatus | None = None) -> UnitStatus:
+        """Stop a unit (SIGTERM, then SIGKILL after its TimeoutStopSec); wait up to `wait_s`.
+
+        `current`: the unit's status if the caller just read it."""
+        st = current or self.status(name)
         if st.active_state in ("inactive", "failed") or not st.exists:
             return st
-        with self._manager() as manager:
-            manager.Manager.StopUnit(name.encode(), b"replace")
+        with self._bus() as bus:
+            _manager_call(bus, b"StopUnit", b"ss", [name.encode(), b"replace"])
         if wait_s is None:
             return self.status(name)
         return self.wait_inactive(name, wait_s)
 
     def restart(self, name: str) -> None:
         """Restart a loaded unit (its properties are kept by systemd)."""
-        with self._manager() as manager:
-            manager.Manager.RestartUnit(name.encode(), b"replace")
+        with self._bus() as bus:
+            _manager_call(bus, b"RestartUnit", b"ss", [name.encode(), b"replace"])
 
     def reset_failed(self, name: str) -> None:
         """Forget a failed unit's state so its name can be started again."""
         try:
-            with self._manager() as manager:
-                manager.Manager.ResetFailedUnit(name.encode())
+            with self._bus() as bus:
+                _manager_call(bus, b"ResetFailedUnit", b"s", [name.encode()])
         except ParError:
             pass  # not loaded or not failed: nothing to reset
 
     def kill(self, name: str, signal: int, who: str = "main") -> None:
         """Send `signal` to the unit's main process (`who="main"`) or all of them ("all")."""
-        with self._manager() as manager:
-            manager.Manager.KillUnit(name.encode(), who.encode(), signal)
+        with self._bus() as bus:
+            _manager_call(bus, b"KillUnit", b"ssi", [name.encode(), who.encode(), signal])
 
     def status(self, name: str) -> UnitStatus:
         """The unit's current state; a unit systemd does not know has load_state `not-found`."""
@@ -467,6 +465,14 @@ def _ignore_signal(*_args: object, **_kwargs: object) -> None:
 _DEST = b"org.freedesktop.systemd1"
 _UNIT_PATH = b"/org/freedesktop/systemd1/unit"
 _MANAGER = b"org.freedesktop.systemd1.Manager"
+_MANAGER_PATH = b"/org/freedesktop/systemd1"
+
+
+def _manager_call(bus: DBus, method: bytes, signature: bytes, args: list) -> object:
+    """Call a Manager method directly: pystemd's Manager object introspects the
+    interface first, which costs several times the call itself."""
+    return bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, method,
+                           apply_signature(signature, args))
 
 
 def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) -> object:

@@ -67,6 +67,9 @@ VALIDATE_TIMEOUT_S = 30.0
 # A venv used this recently is never evicted: a deploy that was just handed it
 # may not be among the caller's in-use deployments yet.
 EVICT_GRACE_S = 600.0
+# last_used is rewritten at most this often (LRU needs no finer grain; each write
+# is two fsyncs on every redeploy)
+TOUCH_EVERY_S = 60.0
 
 PACKAGE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -635,8 +638,8 @@ class VenvManager:
 
     def _touch(self, path: Path) -> VenvMeta | None:
         meta = read_meta(path)
-        if meta is None:
-            return None
+        if meta is None or time.time() - meta.last_used < TOUCH_EVERY_S:
+            return meta
         try:
             write_meta(path, dataclasses.replace(meta, last_used=round(time.time(), 3)))
         except OSError as exc:

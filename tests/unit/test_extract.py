@@ -293,3 +293,22 @@ def test_cleanup_stale_removes_interrupted_extractions(tmp_path: Path) -> None:
     assert len(cleanup_downloads(cfg)) == 1
     assert sorted(p.name for p in cfg.paths.extracted.iterdir()) == ["a@1.0"]
     assert sorted(p.name for p in cfg.paths.packages.iterdir()) == ["a@1.0.apkg"]
+
+
+def test_compile_sources_leaves_readable_bytecode_and_skips_bad_files(tmp_path: Path) -> None:
+    import sys
+
+    from par.extract import compile_sources
+
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "main.py").write_text("import pkg\n")
+    (tmp_path / "src" / "pkg" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "src" / "broken.py").write_text("def (:\n")
+    compile_sources(tmp_path)
+    tag = sys.implementation.cache_tag
+    for src in ("src/main.py", "src/pkg/__init__.py"):
+        path = tmp_path / src
+        pyc = path.parent / "__pycache__" / f"{path.stem}.{tag}.pyc"
+        assert pyc.is_file() and pyc.stat().st_mode & 0o777 == 0o644, pyc
+        assert (pyc.parent.stat().st_mode & 0o777) == 0o755
+    assert not (tmp_path / "src" / "__pycache__" / f"broken.{tag}.pyc").exists()

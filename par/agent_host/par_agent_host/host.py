@@ -25,8 +25,8 @@ from .surfaces import Health, Surface
 MONITOR_INTERVAL_S = 5.0
 # First and longest wait between readiness probes during start: READY=1 is sent at
 # most this late after the surfaces answer (a local probe costs about a millisecond).
-FIRST_PROBE_DELAY_S = 0.005
-MAX_PROBE_DELAY_S = 0.05
+FIRST_PROBE_DELAY_S = 0.002
+MAX_PROBE_DELAY_S = 0.02
 # After the surfaces stopped, how long interpreter shutdown may take before the
 # host exits anyway (an agent thread that never ends must not outlive the stop).
 EXIT_GRACE_S = 2.0
@@ -158,7 +158,7 @@ class Host:
                 )
             if self._signalled(min(delay, remaining)):
                 return False
-            delay = min(delay * 2, MAX_PROBE_DELAY_S)
+            delay = min(delay * 1.5, MAX_PROBE_DELAY_S)
             # Alive while starting: a slow surface is bounded by the ready timeout, not the
             # watchdog (which systemd may already be counting).
             if self.watchdog and time.monotonic() - self._last_ping >= self.watchdog:

@@ -24,6 +24,21 @@ def probe_host(bind_address: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind_address, bind_address)
 
 
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A connected TCP socket to a literal address (what probe_host returns).
+
+    Not socket.create_connection: its getaddrinfo encodes the host with the idna
+    codec, an import every agent's start would pay for a numeric address."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def http_answers(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """True when GET `path` returns 200.
 
@@ -32,8 +47,7 @@ def http_answers(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT
     request = (f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
                "User-Agent: par-agent-host-probe\r\n\r\n").encode()
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
+        with _connect(host, port, timeout) as sock:
             sock.sendall(request)
             head, total = b"", 0
             # read to the end (HTTP/1.0: the server closes), so it never writes to a closed
@@ -54,8 +68,7 @@ def http_answers(host: str, port: int, path: str, timeout: float = PROBE_TIMEOUT
 def h2_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """True when the port speaks HTTP/2: our preface is answered with a SETTINGS frame."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
+        with _connect(host, port, timeout) as sock:
             sock.sendall(_H2_PREFACE)
             header = b""
             while len(header) < 9:
