@@ -62,6 +62,7 @@ LAYER_DIR = ".layers"  # below venvs/: the shared layers
 # The effective requirements the venv was built from, kept for inspection.
 REQUIREMENTS_FILE = "par-requirements.txt"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = f"{TMP_PREFIX}del-"  # a venv or layer being deleted
 LOCK_DIR = ".locks"
 VALIDATE_TIMEOUT_S = 30.0
 # A venv used this recently is never evicted: a deploy that was just handed it
@@ -268,9 +269,11 @@ def _venv_dirs(root: Path) -> list[Path]:
 
 
 def _all_dirs(root: Path) -> list[Path]:
-    """Every folder in `root` that may link a layer: venvs and builds in progress."""
+    """Every folder in `root` that may link a layer: venvs and builds in progress (not
+    venvs being deleted: `_discard` renames them to `.tmp-del-...` first)."""
     try:
-        return [p for p in root.iterdir() if p.name != LAYER_DIR and p.name != LOCK_DIR
+        return [p for p in root.iterdir()
+                if p.name not in (LAYER_DIR, LOCK_DIR) and not p.name.startswith(TRASH_PREFIX)
                 and p.is_dir() and not p.is_symlink()]
     except FileNotFoundError:
         return []
@@ -318,10 +321,13 @@ def _inodes(path: Path) -> dict[tuple[int, int], int]:
 
 def linked_layer(venv: Path) -> Path | None:
     """The layer whose packages `venv` links (its site-packages link), or None."""
-    for site in venv.glob("lib/python*/site-packages"):
-        if site.is_symlink():
-            target = site.parent / os.readlink(site)  # absolute as written: kept as is
-            return target.parent.parent.parent  # <layer>/lib/pythonX.Y/site-packages
+    try:
+        for site in venv.glob("lib/python*/site-packages"):
+            if site.is_symlink():
+                target = site.parent / os.readlink(site)  # absolute as written: kept as is
+                return target.parent.parent.parent  # <layer>/lib/pythonX.Y/site-packages
+    except OSError:
+        pass  # deleted meanwhile (another removal): it links nothing any more
     return None
 
 
@@ -774,7 +780,7 @@ class VenvManager:
     def _discard(self, path: Path) -> None:
         """Delete a venv: rename it out of the way first, so a crash halfway
         through the deletion never leaves a half-deleted venv under its name."""
-        trash = path.parent / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
+        trash = path.parent / f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}"
         os.rename(path, trash)
         fsync_dir(path.parent)
         self._remove_quietly(trash)

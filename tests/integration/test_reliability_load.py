@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from par.client import ApiError, DaemonUnreachable
+from par.units import Systemd
 from tests.integration import agents
-from tests.integration.pard import Pard, apkg_with
+from tests.integration.pard import Pard, apkg_with, temp_leftovers
 from tests.reliability_cases import (
     Case,
     Table,
@@ -68,6 +69,10 @@ TABLE = Table(
              "no error; latency printed"),
         Case("rss-bounded", "pard's RSS (psutil, MainPID of par.service) during the run",
              f"stays below {RSS_LIMIT // MIB} MiB; printed"),
+        Case("purge-all-at-once", "after the run, all 30 deployments removed with purge, "
+             "all requests at once (30 client threads)",
+             "all answered 200; no unit, venv, layer of installed packages or temporary "
+             "folder left (agents sharing a layer remove it together without failing)"),
         Case("twenty-agents", "20 different agents deployed at once",
              "all healthy, 20 distinct REST ports, events recorded",
              "tests/integration/test_pard.py::test_twenty_deploys_at_once"),
@@ -252,3 +257,20 @@ def test_rss_bounded(pard: Pard, run: LoadRun) -> None:
             f"the run, {after / MIB:.0f} MiB after ({len(run.rss)} samples)")
     assert run.rss, "no RSS sample"
     assert peak < RSS_LIMIT, peak
+
+
+def test_purge_all_at_once(pard: Pard, run: LoadRun) -> None:
+    """Last in the module: it removes what the run deployed."""
+    current = {d["agentAppId"] for d in run.final.values() if d["status"] == "healthy"}
+    assert sorted(current) == AGENTS, current
+    venvs = pard.state / "venvs"
+    assert list((venvs / ".layers").iterdir())  # the run's layers, shared across agents
+    with ThreadPoolExecutor(len(run.sent)) as pool:
+        answers = list(pool.map(lambda did: raw_request("DELETE", f"/deployments/{did}?purge=true"),
+                                run.sent))
+    assert [a.status for a in answers] == [200] * len(run.sent), [a.body for a in answers]
+    assert not [p.name for p in venvs.iterdir() if p.name.startswith("ld-")]
+    assert not list((venvs / ".layers").iterdir())
+    assert temp_leftovers(pard.state) == []
+    for agent in AGENTS:
+        assert not Systemd().status(f"par-agent@{agent}.service").exists, agent

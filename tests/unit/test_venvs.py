@@ -302,6 +302,33 @@ def test_same_requirements_share_one_layer(tmp_path, wheelhouse, recorder):
     assert [e["layer"] for e in recorder.named("Removed unused layer")] == [a.layer.name]
 
 
+def test_concurrent_removals_of_venvs_sharing_a_layer(tmp_path, wheelhouse, recorder):
+    """Purging many agents at once (each removes its venv, the last one the layer):
+    no removal fails because another deleted a venv or the layer under it."""
+    cfg = make_cfg(tmp_path, wheelhouse, max_venvs=1000)
+    m, inst = manager(cfg, recorder)
+    names = [ensure(m, "alpha==1.0\n", agent=f"agent-{i}").name for i in range(12)]
+    assert inst.installs == 1 and len(layers(cfg)) == 1
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(names))
+
+    def remove(name: str) -> None:
+        try:
+            barrier.wait(10)
+            assert m.remove(name)
+        except BaseException as exc:  # collected: the test reports them all
+            errors.append(exc)
+
+    threads = [threading.Thread(target=remove, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert leftovers(cfg) == [] and layers(cfg) == []
+    assert not m.remove(names[0])  # already gone: False, not an error
+
+
 def test_validation_runs_the_venvs_python_again_only_after_a_change(
         tmp_path, wheelhouse, recorder, monkeypatch):
     m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
