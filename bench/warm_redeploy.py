@@ -76,7 +76,7 @@ def run(pard: BenchPard, legacy: LegacyRuntime, sizes: Sizes, work: Path,
             Stats.of(b_stop), ratio(Stats.of(b_stop).median, stop_s.median)),
         Row("↳ the new agent: unit fork → READY (baseline: spawn → /health ok, polled)",
             ready_s, "s", Stats.of(b_ready), ratio(Stats.of(b_ready).median, ready_s.median)),
-        Row("↳ the rest: package and venv checks, pard's bookkeeping and polling of systemd",
+        Row("↳ the rest: package and venv checks, pard's bookkeeping, waiting on systemd",
             Stats.of(rest), "s"),
     ]
     return Section(

@@ -398,7 +398,10 @@ class Systemd:
         """Forget a failed unit's state so its name can be started again."""
         try:
             with self._bus() as bus:
-                _manager_call(bus, b"ResetFailedUnit", b"s", [name.encode()])
+                # Asked only of a loaded unit: pystemd 0.11 leaks a few KiB on every
+                # method call that fails (property reads that fail do not).
+                if _s(_get(bus, name, b"Unit", b"LoadState", b"s")) in ("loaded", "error"):
+                    _manager_call(bus, b"ResetFailedUnit", b"s", [name.encode()])
         except ParError:
             pass  # not loaded or not failed: nothing to reset
 

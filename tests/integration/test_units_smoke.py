@@ -86,3 +86,22 @@ def test_unit_gone_after_stop(systemd: Systemd, unit_name) -> None:
     assert name not in systemd.list_agent_units()
     out = subprocess.run(["systemctl", "status", name], capture_output=True, timeout=10)
     assert out.returncode == 4  # "no such unit"
+
+
+def test_reset_failed_of_an_unknown_unit_is_a_no_op_that_costs_no_memory(systemd: Systemd) -> None:
+    """pystemd 0.11 leaks a few KiB on every failed method call; pard resets units
+    often (every failed start, every replaced unit), so it must not call one that fails."""
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    systemd.reset_failed("par-agent@never-deployed.service")
+    gc.collect()
+    before = proc.memory_info().rss
+    for _ in range(1000):
+        systemd.reset_failed("par-agent@never-deployed.service")
+    gc.collect()
+    grown = proc.memory_info().rss - before
+    assert grown < 1024 * 1024, f"RSS grew {grown / 1024:.0f} KiB over 1000 resets"
+    assert not systemd.status("par-agent@never-deployed.service").exists
