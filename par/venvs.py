@@ -565,8 +565,16 @@ class VenvManager:
                 self._validated[path] = identity
         return None
 
-    def _renamed(self, tmp: Path, final: Path) -> None:
-        """A validated build renamed into place keeps its files: so does its validation."""
+    def _put_in_place(self, tmp: Path, final: Path, requirements_sha: str, what: str) -> None:
+        """Validate a finished build and rename it to its final name (durably).
+
+        The rename keeps its files, so their validation carries over to `final`."""
+        problem = self.validate(tmp, requirements_sha)
+        if problem is not None:
+            raise ParError("venv_invalid", f"the new {what} does not validate: {problem}",
+                           None, 500)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
         with self._python_lock:
             identity = self._validated.pop(tmp, None)
             if identity is not None and identity == _run_identity(final):
@@ -718,13 +726,7 @@ class VenvManager:
                     last_used=now,
                 )
                 write_meta(tmp, meta)
-                problem = self.validate(tmp, requirements_sha)
-                if problem is not None:
-                    raise ParError("venv_invalid",
-                                   f"the new layer {key} does not validate: {problem}", None, 500)
-                os.rename(tmp, final)
-                fsync_dir(self.layers)
-                self._renamed(tmp, final)
+                self._put_in_place(tmp, final, requirements_sha, f"layer {key}")
             event(self.logger, "Layer built", **fields, create_seconds=create.seconds,
                   install_seconds=install_seconds, seconds=total.seconds)
             return meta
@@ -752,13 +754,7 @@ class VenvManager:
                     layer.meta, package_id=package_id, agent_app_id=agent_app_id,
                     created_at=now, last_used=now, layer=layer.key,
                     build_seconds=round(time.monotonic() - total.start, 3)))
-                problem = self.validate(tmp, requirements_sha)
-                if problem is not None:
-                    raise ParError("venv_invalid",
-                                   f"the new venv {name} does not validate: {problem}", None, 500)
-                os.rename(tmp, final)
-                fsync_dir(self.root)
-                self._renamed(tmp, final)
+                self._put_in_place(tmp, final, requirements_sha, f"venv {name}")
             event(self.logger, "Venv built", **fields, installer=layer.meta.installer,
                   layer_reused=layer.reused, seconds=total.seconds)
             return total.seconds
