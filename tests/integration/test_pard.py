@@ -124,6 +124,29 @@ def test_redeploy_reuses_venv_and_new_requirements_build_a_new_one(pard: Pard) -
     assert pard.client().deployment(first["deploymentId"])["current"] is False
 
 
+def test_agents_with_the_same_requirements_share_a_layer_until_the_last_is_purged(
+        pard: Pard) -> None:
+    build_wheel(pard.local_packages, "parshared", "1.0")
+    files = {name: agents.with_requirements(name, "parshared\n") for name in ("lay-a", "lay-b")}
+    a = pard.deploy("lay-a", apkg_with(pard.root / "apkg", files["lay-a"]))
+    b = pard.deploy("lay-b", apkg_with(pard.root / "apkg", files["lay-b"]))
+    assert a["status"] == b["status"] == "healthy", (a, b)
+    assert a["venv"] != b["venv"]  # each agent its own venv ...
+    layer = linked_layer(pard.state / "venvs" / a["venv"])
+    assert layer is not None and layer == linked_layer(pard.state / "venvs" / b["venv"])
+    assert "Reusing installed packages" in pard.journal()  # ... one install
+    # the layer is bound into each agent's sandbox, read-only: the agent imports from it
+    env = sh("systemctl", "show", "-p", "BindReadOnlyPaths", "par-agent@lay-b.service").stdout
+    assert str(layer) in env, env
+    pard.client().delete(a["deploymentId"], purge=True)
+    assert layer.is_dir() and not (pard.state / "venvs" / a["venv"]).exists()
+    # the remaining agent is unaffected and still starts from the layer
+    restarted = pard.client().action(b["deploymentId"], "restart")
+    assert restarted["status"] == "healthy", restarted
+    pard.client().delete(b["deploymentId"], purge=True)
+    assert not layer.exists()  # gone with the last venv linking it
+
+
 def test_bad_version_over_a_healthy_one_leaves_the_old_one_serving(pard: Pard) -> None:
     good = pard.deploy("steady", apkg_with(pard.root / "apkg", agents.probe("steady")))
     assert good["status"] == "healthy"
