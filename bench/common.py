@@ -284,25 +284,25 @@ class BenchPard(Pard):
                               "version": version, "packageUrl": f"file://{apkg}"})
         return did
 
-    def wait_healthy(self, did: str, timeout: float = 600, poll: float = 0.01) -> dict:
-        """Poll the deployment until healthy (each poll costs pard about half a
-        millisecond and a journal line)."""
+    def wait_healthy(self, did: str, timeout: float = 600) -> dict:
+        """Follow the deployment until healthy: each GET ...?wait=&since= returns the
+        moment the record changes, so the end is seen when it happens, without polling."""
         client = self.client()
         deadline = time.monotonic() + timeout
+        record = client.deployment(did)
         while True:
-            record = client.deployment(did)
             if record["status"] == "healthy":
                 return record
             if record["status"] == "failed" or time.monotonic() > deadline:
                 raise RuntimeError(f"deployment {did} is {record['status']}: {record.get('error')}"
                                    f"\n{self.journal(lines=40)}")
-            time.sleep(poll)
+            record = client.deployment(did, wait=30, since=record["updatedAt"])
 
-    def deploy_timed(self, agent: str, apkg: Path, poll: float = 0.01) -> tuple[float, dict]:
+    def deploy_timed(self, agent: str, apkg: Path) -> tuple[float, dict]:
         """Seconds from the deploy request to a healthy deployment whose /health answers ok."""
         start = time.monotonic()
         did = self.submit(agent, apkg)
-        record = self.wait_healthy(did, poll=poll)
+        record = self.wait_healthy(did)
         if not health_ok(record["ports"]["rest"]):
             raise RuntimeError(f"{agent} is healthy but its /health does not answer ok")
         return time.monotonic() - start, record

@@ -22,7 +22,6 @@ from bench.common import (HELLO_AGENT, BenchPard, Row, Section, Sizes, Stats, ra
                           start_to_ready)
 
 TARGET_S = 0.2
-POLL_S = 0.005  # fine enough for a target of 0.2 s
 STOPPED_EVENT = "Stopped previous deployment"
 
 
@@ -47,7 +46,7 @@ def run(pard: BenchPard, legacy: LegacyRuntime, sizes: Sizes, work: Path,
     total, stop, ready, rest = [], [], [], []
     b_total, b_stop, b_ready = [], [], []
     for _ in range(sizes.runs):
-        seconds, record = pard.deploy_timed(agent, apkg, poll=POLL_S)
+        seconds, record = pard.deploy_timed(agent, apkg)
         if not record["venvReused"]:
             raise RuntimeError("the redeploy built a venv: the benchmark needs it reused")
         total.append(seconds)
@@ -83,7 +82,8 @@ def run(pard: BenchPard, legacy: LegacyRuntime, sizes: Sizes, work: Path,
         key="warm_redeploy", title="2. Warm redeploy",
         what=("examples/hello-agent (standard library only) is running; a new deployment of "
               "the same agentAppId and package replaces it, reusing its venv. PAR: "
-              "`POST /deploy` → healthy (polled every 5 ms) → `/health` ok. Baseline: "
+              "`POST /deploy` → healthy (followed with `GET /deployments/{id}?wait=&since=`, "
+              "which answers the moment the record changes) → `/health` ok. Baseline: "
               "the old child stopped (SIGTERM), a new one started in the reused venv, "
               "`/health` polled with the 0.1 s × 1.5 backoff. (The existing runtime rebuilds "
               "the venv on every deploy; this baseline is kinder to it.)"),

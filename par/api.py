@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -67,6 +68,8 @@ STATUSES = frozenset(
 )
 ACTIONS = ("stop", "start", "restart")
 MAX_EVENTS_LIMIT = 100_000
+# The longest a GET /deployments/{id}?wait=S may hold its answer back.
+MAX_WAIT_S = 60.0
 MAX_LOGGED_PATH = 200
 _STATUS_CODES = {
     400: "bad_request",
@@ -88,7 +91,8 @@ class Service(Protocol):
 
     def deploy(self, req: DeployRequest) -> tuple[int, dict]: ...
     def list_deployments(self, agent_app_id: str | None, status: str | None) -> list[dict]: ...
-    def get_deployment(self, deployment_id: str) -> dict: ...
+    def get_deployment(self, deployment_id: str, wait: float | None = None,
+                       since: float | None = None) -> dict: ...
     def deployment_health(self, deployment_id: str) -> dict: ...
     def deployment_events(self, deployment_id: str, limit: int | None) -> list[dict]: ...
     def action(self, deployment_id: str, name: str) -> dict: ...
@@ -238,8 +242,37 @@ def _list(svc: Service, req: Request) -> Response:
     return Response(200, {"deployments": rows})
 
 
+def _query_wait(req: Request) -> float | None:
+    value = req.query.get("wait")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_WAIT_S:  # NaN fails this too
+        raise ParError("invalid_field", f"wait must be a number of seconds, above 0 and at "
+                       f"most {MAX_WAIT_S:g}", "wait")
+    return seconds
+
+
+def _query_since(req: Request) -> float | None:
+    value = req.query.get("since")
+    if not value:
+        return None
+    try:
+        since = float(value)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise ParError("invalid_field", "since must be a record's updatedAt (a number)", "since")
+    return since
+
+
 def _get(svc: Service, req: Request) -> Response:
-    return Response(200, svc.get_deployment(req.params[0]))
+    # ?wait=S[&since=updatedAt]: answer once the record differs from the one the client
+    # holds (or after S seconds): a client follows a deploy's phases without polling
+    return Response(200, svc.get_deployment(req.params[0], _query_wait(req), _query_since(req)))
 
 
 def _health(svc: Service, req: Request) -> Response:

@@ -58,6 +58,8 @@ PHASE_LABELS = {
 }
 # Statuses after which a deployment no longer changes by itself.
 FINAL_STATUSES = ("healthy", "failed", "stopped", "removed")
+# How long one request of `wait_for` lets pard hold the answer back (it answers on any change).
+WAIT_S = 30.0
 
 
 @dataclass
@@ -392,11 +394,23 @@ def installer_from_events(client: Client, deployment_id: str) -> str | None:
 
 def wait_for(app: App, client: Client, deployment_id: str, printer: PhasePrinter | None,
              until_taken: bool = False) -> dict:
-    """Poll the deployment until it is final (or, with `until_taken`, past downloading)."""
+    """Follow the deployment until it is final (or, with `until_taken`, past downloading).
+
+    Each request returns as soon as the record changes (GET ...?wait=S), so every
+    phase shows, and the end is seen, the moment it happens."""
     installer: str | None = None
     asked_installer = False
+    record: dict | None = None
     while True:
-        record = client.deployment(deployment_id)
+        previous = record
+        if previous is None:
+            record = client.deployment(deployment_id)
+        else:
+            seen = previous.get("updatedAt")
+            record = client.deployment(deployment_id, wait=WAIT_S,
+                                       since=seen if isinstance(seen, (int, float)) else None)
+            if record.get("updatedAt") == seen:
+                time.sleep(app.poll_interval)  # unchanged (a server that did not wait): pace it
         status = record.get("status")
         if printer is not None:
             loading = (record.get("phases") or {}).get("loading") or {}
@@ -407,7 +421,6 @@ def wait_for(app: App, client: Client, deployment_id: str, printer: PhasePrinter
             printer.show(record, installer, time.time())
         if status in FINAL_STATUSES or (until_taken and status not in ("pending", "downloading")):
             return record
-        time.sleep(app.poll_interval)
 
 
 def _ports_text(ports: dict | None, sep: str = ", ") -> str:

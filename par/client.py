@@ -25,6 +25,8 @@ DEFAULT_SOCKET = Path("/run/par/par.sock")
 DEFAULT_TIMEOUT_S = 30.0
 # Building a venv or downloading uv can take minutes (installer timeout: 300 s).
 LONG_TIMEOUT_S = 900.0
+# A waiting GET /deployments/{id} is given this long beyond its wait to answer.
+WAIT_MARGIN_S = 10.0
 START_HINT = "start it with `systemctl start par`"
 
 
@@ -80,9 +82,16 @@ class Client:
         query = {"agentAppId": agent_app_id, "status": status}
         return self._json("GET", "/deployments", query=query)
 
-    def deployment(self, deployment_id: str) -> dict:
-        """GET /deployments/{id}: one deployment record."""
-        return self._json("GET", f"/deployments/{_seg(deployment_id)}")
+    def deployment(self, deployment_id: str, wait: float | None = None,
+                   since: float | None = None) -> dict:
+        """GET /deployments/{id}: one deployment record; with `wait`, once its `updatedAt`
+        differs from `since` (the one the caller holds; default: as it is now), or after
+        `wait` seconds (at most 60)."""
+        if not wait:
+            return self._json("GET", f"/deployments/{_seg(deployment_id)}")
+        query = {"wait": f"{wait:g}", "since": repr(since) if since is not None else None}
+        return self._json("GET", f"/deployments/{_seg(deployment_id)}", query=query,
+                          timeout=max(self.timeout, wait + WAIT_MARGIN_S))
 
     def health(self, deployment_id: str) -> dict:
         """GET /deployments/{id}/health: `{status, healthy, message, details, surfaces, ports}`."""

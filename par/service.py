@@ -38,8 +38,15 @@ class ParService:
     def list_deployments(self, agent_app_id: str | None = None, status: str | None = None) -> list[dict]:
         return [d.to_api() for d in self.store.list(agent_app_id=agent_app_id, status=status)]
 
-    def get_deployment(self, ident: str) -> dict:
-        return self.deployer.resolve(ident).to_api()
+    def get_deployment(self, ident: str, wait: float | None = None,
+                       since: float | None = None) -> dict:
+        """The deployment; with `wait`, once its `updatedAt` differs from `since` (by
+        default: from what it is now), or after `wait` seconds."""
+        d = self.deployer.resolve(ident)
+        if wait:
+            d = self.store.wait_for_change(d.deployment_id,
+                                           d.updated_at if since is None else since, wait)
+        return d.to_api()
 
     def deployment_health(self, ident: str) -> dict:
         d = self.deployer.resolve(ident)

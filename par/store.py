@@ -253,6 +253,8 @@ class Store:
         self._conn: sqlite3.Connection | None = conn
         self._clock = clock
         self._lock = threading.Lock()
+        # notified after every commit (and on close): what `wait_for_change` waits on
+        self._changed = threading.Condition(self._lock)
 
     # ---- opening ---------------------------------------------------------------
 
@@ -299,6 +301,7 @@ class Store:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            self._changed.notify_all()
 
     def __enter__(self) -> Store:
         return self
@@ -323,6 +326,7 @@ class Store:
                 try:
                     yield conn
                     conn.execute("COMMIT")
+                    self._changed.notify_all()
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
@@ -398,6 +402,21 @@ class Store:
         """The deployment `deployment_id`; NotFound if there is none."""
         with self._read() as conn:
             return self._get(conn, deployment_id)
+
+    def wait_for_change(self, deployment_id: str, since: float, timeout: float) -> Deployment:
+        """The deployment once its `updated_at` differs from `since` (every change of
+        its status, phases or fields sets it), or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                try:
+                    current = self._get(self._connection(), deployment_id)
+                except sqlite3.Error as exc:
+                    _raise_translated(exc, self.path)
+                remaining = deadline - time.monotonic()
+                if current.updated_at != since or remaining <= 0:
+                    return current
+                self._changed.wait(remaining)
 
     def find(self, deployment_id: str) -> Deployment | None:
         """The deployment `deployment_id`, or None."""

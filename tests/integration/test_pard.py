@@ -147,6 +147,24 @@ def test_agents_with_the_same_requirements_share_a_layer_until_the_last_is_purge
     assert not layer.exists()  # gone with the last venv linking it
 
 
+def test_a_waiting_get_follows_a_deploy_change_by_change(pard: Pard) -> None:
+    res = pard.deploy("waiter", pard.pack("hello-agent"), wait=False)
+    client = pard.client()
+    record = client.deployment(res["deploymentId"])
+    seen = [record["status"]]
+    while record["status"] not in ("healthy", "failed"):
+        changed = client.deployment(res["deploymentId"], wait=30, since=record["updatedAt"])
+        assert changed["updatedAt"] != record["updatedAt"]  # answered because it changed
+        record = changed
+        seen.append(record["status"])
+    assert record["status"] == "healthy", (seen, record)
+    # a record that does not change is held for the wait, then answered as it is
+    t0 = time.monotonic()
+    same = client.deployment(res["deploymentId"], wait=0.5)
+    assert same["updatedAt"] == record["updatedAt"] and time.monotonic() - t0 >= 0.5
+    assert client.deployment("waiter", wait=0.2)["deploymentId"] == res["deploymentId"]
+
+
 def test_bad_version_over_a_healthy_one_leaves_the_old_one_serving(pard: Pard) -> None:
     good = pard.deploy("steady", apkg_with(pard.root / "apkg", agents.probe("steady")))
     assert good["status"] == "healthy"

@@ -52,8 +52,9 @@ class FakeService:
         self._call("list_deployments", agent_app_id, status)
         return [RECORD]
 
-    def get_deployment(self, deployment_id: str) -> dict:
-        self._call("get_deployment", deployment_id)
+    def get_deployment(self, deployment_id: str, wait: float | None = None,
+                       since: float | None = None) -> dict:
+        self._call("get_deployment", deployment_id, wait, since)
         return RECORD
 
     def deployment_health(self, deployment_id: str) -> dict:
@@ -197,7 +198,12 @@ ROUTES = [
      ("list_deployments", "hello", "healthy"), 200, "deployments"),
     ("GET", "/deployments?agentAppId=&status=", None, ("list_deployments", None, None), 200,
      "deployments"),
-    ("GET", "/deployments/d-1", None, ("get_deployment", "d-1"), 200, "deploymentId"),
+    ("GET", "/deployments/d-1", None, ("get_deployment", "d-1", None, None), 200,
+     "deploymentId"),
+    ("GET", "/deployments/d-1?wait=2.5", None, ("get_deployment", "d-1", 2.5, None), 200,
+     "deploymentId"),
+    ("GET", "/deployments/d-1?wait=30&since=1764200000.25", None,
+     ("get_deployment", "d-1", 30.0, 1764200000.25), 200, "deploymentId"),
     ("GET", "/deployments/d-1/health", None, ("deployment_health", "d-1"), 200, "healthy"),
     ("GET", "/deployments/d-1/events", None, ("deployment_events", "d-1", None), 200, "events"),
     ("GET", "/deployments/d-1/events?limit=5", None, ("deployment_events", "d-1", 5), 200,
@@ -483,6 +489,11 @@ def test_injection_ids_in_the_deploy_body_refused(env: Env, name: str, bad: str)
 @pytest.mark.parametrize(("query", "field"), [
     ("/deployments?status=running", "status"), ("/deployments/d-1/events?limit=0", "limit"),
     ("/deployments/d-1/events?limit=-3", "limit"), ("/deployments/d-1/events?limit=x", "limit"),
+    ("/deployments/d-1?wait=0", "wait"), ("/deployments/d-1?wait=61", "wait"),
+    ("/deployments/d-1?wait=nan", "wait"), ("/deployments/d-1?wait=-1", "wait"),
+    ("/deployments/d-1?wait=soon", "wait"), ("/deployments/d-1?wait=inf", "wait"),
+    ("/deployments/d-1?wait=1&since=yesterday", "since"),
+    ("/deployments/d-1?wait=1&since=nan", "since"),
 ])
 def test_bad_query_values(env: Env, query: str, field: str) -> None:
     assert env.unix("GET", query).error() == (400, "invalid_field", field)

@@ -200,9 +200,12 @@ def test_deploy_url_with_id_and_version(pard: FakePard, app: App) -> None:
                     "version": "3.1.4", "packageUrl": "https://example.com/h.apkg",
                     "packageSha256": sha.lower()}
     assert body["deploymentId"].startswith("web-1-")
-    # it polled until healthy, one status per poll
-    polls = [c for c in pard.calls("GET") if c == f"GET /deployments/{body['deploymentId']}"]
-    assert len(polls) == len(STATUSES)
+    # it followed the deployment until healthy, one status per request: after the first,
+    # each asks pard to answer on the next change (no polling)
+    path = f"GET /deployments/{body['deploymentId']}"
+    polls = [c for c in pard.calls("GET") if c.split("?")[0] == path]
+    assert polls[0] == path and len(polls) == len(STATUSES)
+    assert all(re.fullmatch(re.escape(path) + r"\?wait=30&since=[0-9.]+", c) for c in polls[1:])
 
 
 def test_deploy_url_needs_id_and_version(pard: FakePard, app: App) -> None:
@@ -242,7 +245,9 @@ def test_deploy_folder_no_wait_keeps_the_package_until_pard_has_it(pard: FakePar
     assert "parctl status hello" in result.output
     dep = deploy_body(pard).body["deploymentId"]
     # pending, downloading, then loading: pard has copied the package, parctl may delete it
-    assert pard.calls()[1:] == [f"GET /deployments/{dep}"] * 3
+    calls = pard.calls()[1:]
+    assert [c.split("?")[0] for c in calls] == [f"GET /deployments/{dep}"] * 3
+    assert "wait=30&since=" in calls[1] and "wait=30&since=" in calls[2]
 
 
 def test_deploy_failure_shows_the_daemons_message_and_exits_1(pard: FakePard, app: App) -> None:

@@ -235,6 +235,8 @@ def test_every_method_calls_its_endpoint_and_returns_the_answer(pard: FakePard) 
 
     assert c.deployments(agent_app_id="hello") == {"deployments": [record()]}
     assert c.deployment("hello-d1")["status"] == "healthy"
+    assert c.deployment("hello-d1", wait=30)["status"] == "healthy"
+    assert c.deployment("hello-d1", wait=30, since=1764200000.25)["status"] == "healthy"
     assert c.health("hello-d1")["healthy"] is True
     assert c.events("hello-d1", limit=5) == {"events": []}
     for name in ("stop", "start", "restart"):
@@ -252,6 +254,8 @@ def test_every_method_calls_its_endpoint_and_returns_the_answer(pard: FakePard) 
     assert pard.calls() == [
         "GET /deployments?agentAppId=hello",
         "GET /deployments/hello-d1",
+        "GET /deployments/hello-d1?wait=30",
+        "GET /deployments/hello-d1?wait=30&since=1764200000.25",
         "GET /deployments/hello-d1/health",
         "GET /deployments/hello-d1/events?limit=5",
         "POST /deployments/hello-d1/stop",
@@ -267,7 +271,7 @@ def test_every_method_calls_its_endpoint_and_returns_the_answer(pard: FakePard) 
         "POST /venvs/prewarm",
         "POST /installer/install-uv",
     ]
-    assert pard.requests[14].body == {"requirements": "requests==2.31.0\n"}
+    assert pard.requests[16].body == {"requirements": "requests==2.31.0\n"}
 
 
 def test_deploy_sends_json_with_the_idempotency_key(pard: FakePard) -> None:
@@ -370,6 +374,17 @@ def test_slow_daemon_times_out_as_unreachable(pard: FakePard) -> None:
     with pytest.raises(DaemonUnreachable) as info:
         Client(pard.socket_path, timeout=0.05).agents()
     assert "did not answer" in info.value.message
+
+
+def test_a_waiting_request_gets_more_than_the_client_timeout(pard: FakePard) -> None:
+    """pard may hold GET ...?wait=S back for S seconds: that is no timeout."""
+    def held(_seen: Seen, _m: re.Match) -> Reply:
+        time.sleep(0.3)
+        return 200, record()
+
+    pard.on("GET", "/deployments/[^/]+", held)
+    assert Client(pard.socket_path, timeout=0.05).deployment("hello-d1", wait=1)["status"] == \
+        "healthy"
 
 
 def test_unknown_action_is_refused_before_sending(pard: FakePard) -> None:

@@ -253,6 +253,35 @@ def test_round_trip_of_every_field(store: Store) -> None:
         "par-agent@hello.service", "hello_1a2b3c4", True, "stopped")
 
 
+def test_wait_for_change_answers_on_the_next_write_or_after_the_timeout(db: Path) -> None:
+    with Store.open(db, clock=Clock(10.0, step=1.0)) as s:
+        first, _ = s.insert_deployment(dep())
+        # already different from what the caller saw: at once
+        assert s.wait_for_change("d-1", first.updated_at - 1, 30).updated_at == first.updated_at
+        # nothing changes: the record as it is, after the timeout
+        t0 = time.monotonic()
+        assert s.wait_for_change("d-1", first.updated_at, 0.2) == first
+        assert time.monotonic() - t0 >= 0.2
+        # a write from another thread wakes the waiter with the new record
+        writer = threading.Timer(0.2, lambda: s.start_phase("d-1", "downloading", "downloading"))
+        writer.start()
+        t0 = time.monotonic()
+        changed = s.wait_for_change("d-1", first.updated_at, 30)
+        writer.join()
+        assert changed.status == "downloading" and time.monotonic() - t0 < 10
+        with pytest.raises(NotFound):
+            s.wait_for_change("d-9", 0.0, 1)
+
+
+def test_close_wakes_a_waiter(db: Path) -> None:
+    s = Store.open(db)
+    first, _ = s.insert_deployment(dep())
+    threading.Timer(0.2, s.close).start()
+    with pytest.raises(ParError) as err:
+        s.wait_for_change("d-1", first.updated_at, 30)
+    assert err.value.code == "store_closed"
+
+
 def test_update_sets_updated_at_records_status_and_refuses_unknown(db: Path) -> None:
     with Store.open(db, clock=Clock(10.0, step=1.0)) as s:
         s.insert_deployment(dep())
