@@ -242,29 +242,28 @@ def _list(svc: Service, req: Request) -> Response:
     return Response(200, {"deployments": rows})
 
 
-def _query_wait(req: Request) -> float | None:
-    value = req.query.get("wait")
+def _query_number(req: Request, name: str) -> float | None:
+    """A query value as a number (NaN when it is not one), or None when absent."""
+    value = req.query.get(name)
     if not value:
         return None
     try:
-        seconds = float(value)
+        return float(value)
     except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= MAX_WAIT_S:  # NaN fails this too
+        return math.nan
+
+
+def _query_wait(req: Request) -> float | None:
+    seconds = _query_number(req, "wait")
+    if seconds is not None and not 0 < seconds <= MAX_WAIT_S:  # NaN fails this too
         raise ParError("invalid_field", f"wait must be a number of seconds, above 0 and at "
                        f"most {MAX_WAIT_S:g}", "wait")
     return seconds
 
 
 def _query_since(req: Request) -> float | None:
-    value = req.query.get("since")
-    if not value:
-        return None
-    try:
-        since = float(value)
-    except ValueError:
-        since = math.nan
-    if not math.isfinite(since):
+    since = _query_number(req, "since")
+    if since is not None and not math.isfinite(since):
         raise ParError("invalid_field", "since must be a record's updatedAt (a number)", "since")
     return since
 
