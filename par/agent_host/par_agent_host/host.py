@@ -103,14 +103,15 @@ class Host:
                 surface.start()
                 started.append(surface)
             if self._wait_ready():
-                self.notify("READY=1", f"STATUS=serving {self.ports}")
-                if self.watchdog:
-                    self._ping()
                 agent, env = self.api.spec, self.api.env
+                # logged before READY=1: whoever sees the unit active finds the line too
                 log.info(
                     f"agent {agent.name} {agent.version} listening {self.ports} "
                     f"on {env.bind_address}"
                 )
+                self.notify("READY=1", f"STATUS=serving {self.ports}")
+                if self.watchdog:
+                    self._ping()
                 self._serve()
             return EXIT_OK
         except HostError as exc:
