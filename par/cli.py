@@ -45,7 +45,6 @@ EXIT_UNREACHABLE = 4
 MANIFEST_NAME = "agent.yaml"
 # agent.yaml is a few hundred bytes; refuse to inflate a huge entry from an archive.
 MAX_MANIFEST_BYTES = 1024 * 1024
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 # Deploy phases in the order pard runs them, and how parctl names them.
@@ -311,8 +310,8 @@ def _env_pairs(_ctx: click.Context, _param: click.Parameter,
     env: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
-        if not sep or not ENV_KEY_RE.fullmatch(key):
-            raise click.BadParameter(f"{item!r}: expected K=V with K matching {ENV_KEY_RE.pattern}")
+        if not sep or not ids.ENV_KEY_RE.fullmatch(key):
+            raise click.BadParameter(f"{item!r}: expected K=V with K matching {ids.ENV_KEY_RE.pattern}")
         env[key] = value
     return env
 

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit, urlunsplit
 from par import ids
 from par.errors import ParError
 
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 PORT_NAMES = ("rest", "a2a", "ui")
 PORT_RANGE = (1024, 65535)
@@ -315,9 +314,9 @@ def _env(env: object) -> dict[str, str]:
         raise _invalid("env", f"env holds more than {MAX_ENV_VARS} variables")
     out: dict[str, str] = {}
     for key, value in env.items():
-        if not ENV_KEY_RE.fullmatch(key):
+        if not ids.ENV_KEY_RE.fullmatch(key):
             shown = key if len(key) <= 80 else key[:77] + "..."
-            raise _invalid("env", f"env key {shown!r} must match {ENV_KEY_RE.pattern}")
+            raise _invalid("env", f"env key {shown!r} must match {ids.ENV_KEY_RE.pattern}")
         # Messages name the key only: env values are secrets.
         if not isinstance(value, str):
             raise _invalid(f"env.{key}", f"env.{key} must be a string")

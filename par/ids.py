@@ -18,6 +18,8 @@ AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # deploymentIds come from a control plane (often UUIDs); allow upper case too.
 DEPLOYMENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+# An environment variable name an agent may be given (request env, manifest, parctl -e).
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _check(value: object, pattern: re.Pattern[str], field: str, what: str) -> str:

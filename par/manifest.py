@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from par import ids
+from par.agent_host.par_agent_host import dotenv as host_dotenv
 from par.errors import ParError
 from par.log import event
 
@@ -31,7 +33,6 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 ENTRY_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$")
 # `a2a.service` may also name the module alone: it then exports create_grpc_server.
 MODULE_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _KNOWN = {
     "name", "display_name", "description", "author", "license", "version",
@@ -134,9 +135,9 @@ def _environment(value: object) -> dict[str, str]:
         raise _invalid("environment", f"expected a mapping, got {_kind(value)}")
     env: dict[str, str] = {}
     for key, item in value.items():
-        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+        if not isinstance(key, str) or not ids.ENV_KEY_RE.fullmatch(key):
             raise _invalid(f"environment.{key}", "not a valid variable name "
-                                                 f"(use {ENV_KEY_RE.pattern})")
+                                                 f"(use {ids.ENV_KEY_RE.pattern})")
         if isinstance(item, bool):
             env[key] = "true" if item else "false"
         elif isinstance(item, str | int | float):
@@ -264,66 +265,19 @@ def load_manifest(root: Path, logger: logging.Logger | None = None) -> Manifest:
 
 # --- .env -------------------------------------------------------------------
 
-_DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _dotenv_error(lineno: int, why: str) -> ParError:
-    return ParError("dotenv_invalid", f".env line {lineno}: {why}", DOTENV_NAME)
-
-
-def _double_quoted(body: str, lineno: int) -> tuple[str, str]:
-    """Decode a double-quoted value starting after its opening quote; return (value, rest)."""
-    out: list[str] = []
-    i = 0
-    while i < len(body):
-        ch = body[i]
-        if ch == "\\" and i + 1 < len(body):
-            nxt = body[i + 1]
-            out.append(_DQ_ESCAPES.get(nxt, "\\" + nxt))
-            i += 2
-            continue
-        if ch == '"':
-            return "".join(out), body[i + 1:]
-        out.append(ch)
-        i += 1
-    raise _dotenv_error(lineno, "unterminated double quote")
-
 
 def parse_dotenv(text: str) -> dict[str, str]:
     """Parse `.env` text: `KEY=value` lines, `#` comments, optional `export`, quotes.
 
-    Single quotes are literal; double quotes understand `\\n`, `\\t`, `\\"` and
-    `\\\\`; an unquoted value ends at ` #` and is stripped.  No variable
-    expansion: values are taken as written.  Later keys override earlier ones.
+    The agent host's parser (stdlib, `par_agent_host.dotenv`), so pard and the
+    host read a package's `.env` alike: single quotes are literal; double quotes
+    understand `\\n`, `\\t`, `\\"` and `\\\\`; an unquoted value ends at ` #` and is
+    stripped.  No variable expansion.  Later keys override earlier ones.
     """
-    env: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export ") or stripped.startswith("export\t"):
-            stripped = stripped[len("export"):].lstrip()
-        key, sep, rest = stripped.partition("=")
-        key = key.strip()
-        if not sep:
-            raise _dotenv_error(lineno, f"expected KEY=value, got {line.strip()!r}")
-        if not ENV_KEY_RE.fullmatch(key):
-            raise _dotenv_error(lineno, f"{key!r} is not a valid variable name")
-        rest = rest.lstrip()
-        if rest.startswith("'"):
-            end = rest.find("'", 1)
-            if end < 0:
-                raise _dotenv_error(lineno, "unterminated single quote")
-            value, tail = rest[1:end], rest[end + 1:]
-        elif rest.startswith('"'):
-            value, tail = _double_quoted(rest[1:], lineno)
-        else:
-            value, tail = re.split(r"\s#", rest, maxsplit=1)[0].strip(), ""
-        tail = tail.strip()
-        if tail and not tail.startswith("#"):
-            raise _dotenv_error(lineno, f"unexpected text after the quoted value: {tail!r}")
-        env[key] = value
-    return env
+    try:
+        return host_dotenv.parse(text)
+    except host_dotenv.DotenvError as exc:
+        raise ParError("dotenv_invalid", f".env {exc}", DOTENV_NAME) from exc
 
 
 def read_dotenv(root: Path) -> dict[str, str]:

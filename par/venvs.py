@@ -46,7 +46,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
 
 from par import ids, procs
 from par.config import Config
@@ -98,26 +97,10 @@ def venv_name(agent_app_id: str | None, package_id: str, requirements_sha: str) 
     return f"{owner}_{requirements_sha[:7]}"
 
 
-class VenvMetaDict(TypedDict):
-    """The on-disk shape of `par-venv.json` (schema 2)."""
-
-    schema: int
-    package_id: str
-    agent_app_id: str | None
-    requirements_sha256: str
-    python: str
-    python_version: str
-    installer: str
-    installer_version: str
-    created_at: float
-    build_seconds: float
-    last_used: float
-    layer: str | None
-
-
 @dataclass(frozen=True)
 class VenvMeta:
-    """What PAR records about a venv it built."""
+    """What PAR records about a venv or layer it built: `par-venv.json` holds these
+    fields as a JSON object (schema 2)."""
 
     package_id: str
     agent_app_id: str | None
@@ -134,8 +117,8 @@ class VenvMeta:
     layer: str | None = None
     schema: int = SCHEMA_VERSION
 
-    def to_dict(self) -> VenvMetaDict:
-        return VenvMetaDict(**dataclasses.asdict(self))  # type: ignore[typeddict-item]
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: object) -> VenvMeta:
@@ -616,8 +599,9 @@ class VenvManager:
                     self.counters.add("hits")
                     seconds = round(time.monotonic() - start, 3)
                     event(self.logger, "Reusing existing venv", **fields, seconds=seconds)
+                    layer = self.layers / meta.layer if meta and meta.layer else None
                     return VenvResult(final, name, True, meta.installer if meta else "?", seconds,
-                                      self.layer_path(final))
+                                      layer)
                 event(self.logger, "Invalid venv found, rebuilding", logging.WARNING,
                       **fields, reason=problem)
                 try:
@@ -919,13 +903,21 @@ class VenvManager:
         for layer in layers.values():
             if layer is not None:
                 users[layer] = users.get(layer, 0) + 1
+        walked: dict[Path, dict[tuple[int, int], int]] = {}  # each tree walked once
+
+        def inodes(tree: Path) -> dict[tuple[int, int], int]:
+            if tree not in walked:
+                walked[tree] = _inodes(tree)
+            return walked[tree]
+
         out = []
         for path in venvs:
             meta = read_meta(path)
             layer = layers[path]
+            size = {**inodes(path), **(inodes(layer) if layer is not None else {})}
             out.append(VenvInfo(
-                name=path.name, path=path, size_bytes=disk_usage([path]),
-                last_used=self._last_used(path),
+                name=path.name, path=path, size_bytes=sum(size.values()),
+                last_used=meta.last_used if meta else self._last_used(path),
                 in_use_by=tuple(sorted(in_use_by.get(path.name, ()))),
                 package_id=meta.package_id if meta else None,
                 agent_app_id=meta.agent_app_id if meta else None,

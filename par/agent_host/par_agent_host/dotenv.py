@@ -3,9 +3,9 @@
 Supported, one assignment a line: blank lines and `#` comments, an optional
 `export ` prefix, `KEY=value` with an unquoted value (a ` #` starts a comment),
 a single-quoted value (taken literally) or a double-quoted value (escapes
-`\\n \\t \\r \\\\ \\" \\$`).  No variable expansion and no multi-line values:
-PAR's own parser reads the same file into the unit's environment, so the host
-only fills in keys that are not already set.
+`\\n \\t \\r \\\\ \\" \\$`).  No variable expansion and no multi-line values.
+pard parses `.env` with this same module into the unit's environment, so the
+host only fills in keys that are not already set.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _value(raw: str, lineno: int) -> str:
         return (raw[: match.start()] if match else raw).strip()
     rest = rest.strip()
     if rest and not rest.startswith("#"):
-        raise DotenvError(lineno, "text after the closing quote")
+        raise DotenvError(lineno, f"unexpected text after the quoted value: {rest!r}")
     return value
 
 
@@ -71,14 +71,14 @@ def parse(text: str) -> dict[str, str]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        if stripped.startswith("export "):
-            stripped = stripped[len("export ") :].lstrip()
+        if stripped.startswith(("export ", "export\t")):
+            stripped = stripped[len("export") :].lstrip()
         key, sep, raw = stripped.partition("=")
         key = key.strip()
         if not sep:
-            raise DotenvError(lineno, "expected KEY=value")
+            raise DotenvError(lineno, f"expected KEY=value, got {stripped!r}")
         if not _KEY.match(key):
-            raise DotenvError(lineno, f"invalid variable name {key!r}")
+            raise DotenvError(lineno, f"{key!r} is not a valid variable name")
         result[key] = _value(raw, lineno)
     return result
 

@@ -106,8 +106,8 @@ def write_json(wfile, status: int, body: object, server: str) -> None:
     wfile.write(head.encode("latin-1") + data)
 
 
-# (request) -> (status, JSON body); raises HttpError for a refused request
-App = Callable[[Request, Callable[[int], bytes]], "tuple[int, object]"]
+# (request, read_body) -> (status, JSON body); raises HttpError for a refused request
+App = Callable[[Request, Callable[[int], bytes]], tuple[int, object]]
 
 
 def handler_class(app: App, server_name: str) -> type[socketserver.StreamRequestHandler]:

@@ -45,4 +45,5 @@ def answer(api: HostApi, request: Request, read_body: Callable[[int], bytes]) ->
 
 def surface(api: HostApi) -> HttpSurface:
     handler = handler_class(lambda request, read_body: answer(api, request, read_body), SERVER_NAME)
-    return HttpSurface("rest", api.env.bind_address, api.env.ports.rest, handler, probe_path="/meta")
+    return HttpSurface("rest", api.env.bind_address, api.env.ports.rest, handler,
+                       probe_path="/meta")
