@@ -69,6 +69,12 @@ class AgentLaunch:
     # The shared layer the venv's site-packages links (par/venvs.py), bound like the venv.
     layer_path: Path | None = None
 
+    def surfaces(self) -> tuple[str, ...]:
+        """The surfaces the agent serves, each of which needs a port: REST always
+        (the host answers /health there), A2A and UI when the manifest declares them."""
+        return ("rest", *(("a2a",) if self.a2a_service else ()),
+                *(("ui",) if self.ui_path else ()))
+
 
 def dynamic_user_name(agent_id: str) -> str:
     """A valid, unique user name (≤ 31 chars) per agent.
@@ -151,9 +157,8 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
         "AGENT_APP_ID": launch.agent_id,
         "DEPLOYMENT_ID": launch.deployment_id,
         "ORG_ID": launch.org_id,
-        "REST_PORT": str(launch.ports["rest"]),
-        "A2A_PORT": str(launch.ports["a2a"]),
-        "UI_PORT": str(launch.ports["ui"]),
+        # one port per declared surface (par.ports): no A2A_PORT for an agent without A2A
+        **{f"{kind.upper()}_PORT": str(port) for kind, port in sorted(launch.ports.items())},
         "AGENT_PACKAGE_PATH": str(launch.package_root),
         "AGENT_VENV_PATH": str(launch.venv_path),
         "BASE_PATH": f"/agents/{launch.agent_id}",

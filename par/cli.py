@@ -35,11 +35,13 @@ from par.client import DEFAULT_SOCKET, ApiError, Client, DaemonUnreachable
 from par.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from par.config import load as load_config
 from par.errors import ParError
+from par.store import STATUSES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # click's own code for usage errors
 EXIT_NOT_FOUND = 3
+EXIT_NOT_RUNNING = 3  # systemctl status: the unit is not running
 EXIT_UNREACHABLE = 4
 
 MANIFEST_NAME = "agent.yaml"
@@ -643,11 +645,13 @@ ID_ARG = click.argument("ident", metavar="ID", callback=lambda _c, _p, v: _ident
 
 
 @cli.command("list")
+@click.option("-a", "--all", "show_all", is_flag=True,
+              help="Also agents with no current deployment (a failed first deploy, say).")
 @json_option
 @click.pass_obj
-def list_(app: App, as_json: bool) -> None:
-    """List agents: version, status, ports, uptime, memory, restarts."""
-    data = app.client().agents()
+def list_(app: App, show_all: bool, as_json: bool) -> None:
+    """List agents: version, live status, ports, uptime, memory, restarts."""
+    data = app.client().agents(include_all=show_all)
     if as_json:
         _print_json(data)
         return
@@ -662,16 +666,50 @@ def list_(app: App, as_json: bool) -> None:
         unit = agent.get("unit") or {}
         resources = agent.get("resources") or {}
         running = unit.get("activeState") == "active"
+        status = agent.get("status") or record.get("status", "-")
+        if not record.get("current"):
+            status += " (not current)"
         rows.append([
             agent.get("agentAppId", record.get("agentAppId", "?")),
             record.get("version", "-"),
-            record.get("status", "-"),
+            status,
             _ports_text(record.get("ports"), sep=" "),
             format_duration(now - unit["since"]) if running and unit.get("since") else "-",
             format_bytes(resources.get("rssBytes")),
             unit.get("nRestarts", "-"),
         ])
     click.echo(table(["ID", "VERSION", "STATUS", "PORTS", "UPTIME", "MEMORY", "RESTARTS"], rows))
+
+
+@cli.command()
+@click.argument("agent", required=False, callback=lambda _c, _p, v: v and _ident(v))
+@click.option("--status", "status_", type=click.Choice(STATUSES), default=None,
+              help="Only deployments in this status.")
+@json_option
+@click.pass_obj
+def deployments(app: App, agent: str | None, status_: str | None, as_json: bool) -> None:
+    """List deployments, newest first: every agent's history, or AGENT's.
+
+    Failed and replaced deployments are here too, with why they failed.
+    """
+    data = app.client().deployments(agent_app_id=agent, status=status_)
+    if as_json:
+        _print_json(data)
+        return
+    records = data.get("deployments") or []
+    if not records:
+        click.echo(f"no deployments of {agent}" if agent else "no deployments")
+        return
+    rows = []
+    for r in records:
+        error = r.get("error") or {}
+        note = (f"{error.get('code')}: {error.get('message', '')}" if error
+                else "current" if r.get("current") else "")
+        if len(note) > 70:
+            note = note[:67] + "..."  # `parctl status ID` shows all of it
+        rows.append([r.get("deploymentId", "?"), r.get("agentAppId", "?"), r.get("version", "-"),
+                     r.get("status", "-"), _clock(r.get("createdAt")), note])
+    click.echo(table(["DEPLOYMENT", "AGENT", "VERSION", "STATUS", "CREATED", "NOTE"], rows))
 
 
 def _try(call: Callable[[], dict]) -> dict:
@@ -707,20 +745,32 @@ def unit_text(details: dict | None) -> str:
 def status(app: App, ident: str, n_events: int, as_json: bool) -> None:
     """Show an agent's deployment, unit, venv and events.
 
-    ID is an agent id (its current deployment) or a deploymentId.
+    ID is an agent id (its current deployment) or a deploymentId.  Exits 0 when
+    the agent is healthy, 3 when it is not (failed, restarting, stopped, in
+    progress, or its /health fails), as `systemctl status` does for a unit that
+    is not running.
     """
     client = app.client()
     record = resolve(client, ident)
     dep = record["deploymentId"]
     health = _try(lambda: client.health(dep))
     events = _try(lambda: client.events(dep, limit=n_events)) if n_events else {"events": []}
+    live = health.get("status") or record.get("status")
     if as_json:
         _print_json({"deployment": record, "health": health,
                      "events": events.get("events", events)})
-        return
+    else:
+        _print_status(record, health, events, live, n_events)
+    if live != "healthy" or health.get("healthy") is not True:
+        raise click.exceptions.Exit(EXIT_NOT_RUNNING)
+
+
+def _print_status(record: dict, health: dict, events: dict, live: str | None,
+                  n_events: int) -> None:
+    dep = record["deploymentId"]
     agent = record.get("agentAppId", "?")
     flags = " (current)" if record.get("current") else ""
-    lines = [f"{agent} {record.get('version', '')}: {record.get('status')}{flags}",
+    lines = [f"{agent} {record.get('version', '')}: {live}{flags}",
              f"  deployment: {dep}   desired: {record.get('desiredState', '-')}"]
     unit_state = (f"error: {health['error']['message']}" if "error" in health
                   else unit_text(health.get("details")))

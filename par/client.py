@@ -115,9 +115,10 @@ class Client:
 
     # -- host --------------------------------------------------------------
 
-    def agents(self) -> dict:
-        """GET /agents: the current deployment of every agent, with its unit and resources."""
-        return self._json("GET", "/agents")
+    def agents(self, include_all: bool = False) -> dict:
+        """GET /agents: the current deployment of every agent, with its live status, unit
+        and resources; `include_all`: agents without a current deployment too."""
+        return self._json("GET", "/agents", query={"all": "1" if include_all else None})
 
     def daemon_health(self) -> dict:
         """GET /health: pard's own state (version, agents by status, disk, installer)."""

@@ -29,6 +29,7 @@ from par.api import ApiServer
 from par.deployer import Deployer
 from par.errors import ParError
 from par.host_files import install_host
+from par.monitor import UnitMonitor
 from par.reconcile import reconcile
 from par.service import ParService
 from par.store import Store
@@ -79,6 +80,7 @@ class Daemon:
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self.deployer: Deployer | None = None
+        self.monitor: UnitMonitor | None = None
 
     def start(self) -> None:
         """Everything up to READY=1 (raises ParError when something is refused)."""
@@ -95,8 +97,11 @@ class Daemon:
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
         host = install_host(cfg)
         venvs = VenvManager(cfg, self.logger)
-        self.deployer = Deployer(cfg, self.store, Systemd(), venvs, self.logger, host)
+        systemd = Systemd()
+        self.deployer = Deployer(cfg, self.store, systemd, venvs, self.logger, host)
         report = reconcile(self.deployer, self.logger)
+        self.monitor = UnitMonitor(self.store, systemd, self.deployer.agent_lock, self.logger)
+        self.monitor.start()
         service = ParService(self.deployer)
         self.api = ApiServer(service, cfg, self.logger)
         self.api.serve_unix(cfg.listen.socket)
@@ -137,6 +142,8 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         if self.api:
             self.api.shutdown()
+        if self.monitor:
+            self.monitor.stop()
         if self.deployer:
             self.deployer.shutdown()
         if self.store:

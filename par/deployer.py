@@ -18,7 +18,6 @@ created on disk that no other deployment uses is removed.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import defaultdict
@@ -26,16 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from par import layout
 from par import ports as portalloc
-from par import procs
 from par.agent_unit import (EXIT_MEANING, AgentLaunch, env_file_path, unit_spec,
                             write_env_file, write_host_spec)
 from par.config import Config
 from par.deploy_request import DeployRequest, parse_deploy_request
 from par.errors import NotFound, ParError
 from par.extract import compile_sources, extract_package
-from par.fetch import fetch_package, package_path
+from par.fetch import fetch_package, forget_sources
 from par.fsutil import atomic_write_text, remove_tree
+from par.journal import tail as journal_tail
 from par.log import event
 from par.manifest import Manifest, load_manifest, read_dotenv
 from par.requirements import effective_requirements
@@ -43,12 +43,6 @@ from par.store import Deployment, Store
 from par.units import Systemd, UnitStatus, unit_name
 from par.venvs import VenvManager, venv_name
 
-IN_FLIGHT = ("pending", "downloading", "loading", "starting")
-# systemd's own lines about a unit that say nothing about why it failed
-_SYSTEMD_NOISE = re.compile(
-    r"^(Start(ed|ing)|Stopp(ed|ing)|Failed to start|Scheduled restart job|Start request repeated"
-    r"|Main process exited|Failed with result|Consumed|Deactivated successfully|Killing process)"
-)
 EXTRACT_MARKER = ".par-package.sha256"
 
 
@@ -167,14 +161,15 @@ class Deployer:
         """downloading + loading: package on disk, extracted, venv ready."""
         cfg, store, did = self.cfg, self.store, d.deployment_id
         store.start_phase(did, "downloading", "downloading")
-        had_package = package_path(cfg, d.agent_app_id, d.version).exists()
         fetched = fetch_package(
             cfg, d.agent_app_id, d.version, d.full_request()["packageUrl"],
             d.package_sha256, bool(d.request.get("forceRefresh")),
             self._local.get(did, False), self.logger,
         )
-        if not had_package:
+        if fetched.created:
             created.append(fetched.path)
+        # recorded before anything else: from now on the files of this digest are its own
+        store.update(did, package_digest=fetched.sha256)
         store.end_phase(did, "downloading")
         store.add_event(did, d.agent_app_id, "Package ready", reused=fetched.reused,
                         bytes=fetched.bytes, sha256=fetched.sha256, seconds=fetched.seconds)
@@ -197,8 +192,8 @@ class Deployer:
         return self._launch(d, root, manifest, venv.path, ports={}, layer=venv.layer)
 
     def _extract(self, d: Deployment, apkg: Path, sha256: str, created: list[Path]) -> Path:
-        """Extract unless the same package is already extracted for this agent@version."""
-        target = self.cfg.paths.extracted / f"{d.agent_app_id}@{d.version}"
+        """Extract unless these very bytes are extracted already."""
+        target = layout.extraction(self.cfg, d.agent_app_id, d.version, sha256)
         marker = target / EXTRACT_MARKER
         try:
             if marker.read_text().strip() == sha256:
@@ -215,7 +210,8 @@ class Deployer:
             compile_sources(tmp_root)
             atomic_write_text(tmp_root / EXTRACT_MARKER, sha256 + "\n")
 
-        return extract_package(self.cfg, d.agent_app_id, d.version, apkg, check=check)
+        return extract_package(self.cfg, d.agent_app_id, d.version, apkg, check=check,
+                               sha256=sha256)
 
     def _launch(self, d: Deployment, root: Path, manifest: Manifest, venv_path: Path,
                 ports: dict[str, int], layer: Path | None) -> AgentLaunch:
@@ -234,7 +230,7 @@ class Deployer:
 
     def launch_for(self, d: Deployment) -> AgentLaunch:
         """Rebuild the launch of a stored deployment (restart, rollback, reconcile)."""
-        root = self.cfg.paths.extracted / f"{d.agent_app_id}@{d.version}"
+        root = layout.extraction(self.cfg, d.agent_app_id, d.version, d.package_digest)
         if not (root / "agent.yaml").is_file():
             raise ParError("package_missing",
                            f"extracted package {root} is missing; deploy the agent again")
@@ -262,7 +258,7 @@ class Deployer:
             inherit = dict(previous.ports) if previous else {}
             ports = portalloc.allocate(self.cfg.ports, requested=_requested_ports(d),
                                        taken=self._ports_taken(exclude_agent=agent),
-                                       inherit=inherit)
+                                       inherit=inherit, kinds=launch.surfaces())
             self.store.update(did, ports=ports, unit=unit_name(agent))
         launch = AgentLaunch(**{**launch.__dict__, "ports": ports})
         write_host_spec(launch)
@@ -313,32 +309,7 @@ class Deployer:
         raise ParError("agent_start_failed", reason, None, 500)
 
     def _failure_reason(self, st: UnitStatus, since: float | None = None) -> str:
-        code = st.exec_main_status
-        if st.result == "timeout":
-            why = (f"the agent did not report ready within {self.cfg.agents.boot_timeout_s} s "
-                   "(agents.boot_timeout_s)")
-        elif st.result == "exit-code" and code in EXIT_MEANING:
-            why = f"{EXIT_MEANING[code]} (exit status {code})"
-        else:
-            why = f"the agent exited ({st.result}, status {code})"
-        tail = self._journal_tail(st.name, since=since)
-        return f"{why}: {tail}" if tail else why
-
-    def _journal_tail(self, unit: str, lines: int = 3, since: float | None = None) -> str:
-        """The last meaningful journal lines of a unit (systemd's restart bookkeeping left out),
-        only those logged after `since` (epoch seconds) when given: older ones are about
-        another deployment of the same agent."""
-        argv = ["journalctl", "-u", unit, "-n", "60", "-o", "cat", "--no-pager"]
-        if since is not None:
-            argv.append(f"--since=@{int(since)}")
-        res = procs.run(argv, timeout=10)
-        kept: list[str] = []
-        for line in res.output.splitlines():
-            text = line.split(".service: ", 1)[-1].strip()
-            if not text or _SYSTEMD_NOISE.match(text) or text in kept:
-                continue
-            kept.append(text)
-        return " | ".join(kept[-lines:])
+        return failure_reason(self.cfg, st, since)
 
     def _roll_back(self, did: str, previous: Deployment) -> None:
         try:
@@ -370,23 +341,38 @@ class Deployer:
               agentAppId=d.agent_app_id, code=exc.code, message=exc.message)
 
     def _cleanup(self, d: Deployment, created: list[Path]) -> None:
-        """Remove what this failed deploy created that nothing else uses."""
-        in_use = self._venvs_in_use(exclude=d.deployment_id)
-        used_roots = {self.cfg.paths.extracted / f"{x.agent_app_id}@{x.version}"
-                      for x in self.store.currents()}
-        for path in created:
-            if path.parent == self.cfg.paths.venvs and path.name in in_use:
-                continue
-            if path in used_roots:
+        """Remove what this failed deploy created that no deployment that could run uses."""
+        self._remove_unused(created, exclude=d.deployment_id)
+
+    def _remove_unused(self, paths: list[Path], exclude: str) -> list[str]:
+        """Delete those of `paths` (packages, extractions, venvs) that no deployment but
+        `exclude` that could run again refers to; return what was deleted.
+
+        Called under the agent's lock: no deploy of the agent can take a reference
+        meanwhile (names of packages, extractions and venvs start with the agent's id).
+        """
+        keepers = [x for x in self.store.currents() + self.store.in_flight()
+                   if x.deployment_id != exclude]
+        files_in_use = {f for x in keepers if x.package_digest is not None or x.venv
+                        for f in layout.deployment_files(self.cfg, x.agent_app_id,
+                                                         x.version, x.package_digest)}
+        venvs_in_use = {x.venv for x in keepers if x.venv}
+        removed: list[str] = []
+        for path in paths:
+            is_venv = path.parent == self.cfg.paths.venvs
+            if (path.name in venvs_in_use) if is_venv else (path in files_in_use):
                 continue
             try:
-                if path.parent == self.cfg.paths.venvs:
-                    self.venvs.remove(path.name)  # with the layer, if nothing else links it
-                else:
+                if is_venv:
+                    if self.venvs.remove(path.name):  # with its layer, once unlinked
+                        removed.append(str(path))
+                elif path.exists():
                     remove_tree(path)
+                    removed.append(str(path))
             except OSError as exc:
                 self.logger.warning("cleanup failed", extra={"fields": {"path": str(path),
                                                                          "error": str(exc)}})
+        return removed
 
     # ------------------------------------------------------------------ helpers
     def _venvs_in_use(self, exclude: str | None = None) -> set[str]:
@@ -476,17 +462,34 @@ class Deployer:
         return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged}
 
     def _purge(self, d: Deployment) -> list[str]:
-        paths = [package_path(self.cfg, d.agent_app_id, d.version),
-                 self.cfg.paths.extracted / f"{d.agent_app_id}@{d.version}"]
-        out = []
-        for p in paths:
-            if p.exists():
-                remove_tree(p)
-                out.append(str(p))
-        still_used = {x.venv for x in self.store.currents() + self.store.in_flight() if x.venv}
-        if d.venv and d.venv not in still_used and self.venvs.remove(d.venv):
-            out.append(str(self.cfg.paths.venvs / d.venv))  # and its layer, once unlinked
-        return out
+        """Delete the deployment's package, extraction and venv unless another deployment
+        that could run again uses them."""
+        paths = list(layout.deployment_files(self.cfg, d.agent_app_id, d.version,
+                                             d.package_digest))
+        if d.venv:
+            paths.append(self.cfg.paths.venvs / d.venv)
+        removed = self._remove_unused(paths, exclude=d.deployment_id)
+        if not any(x.version == d.version and x.deployment_id != d.deployment_id
+                   for x in self.store.currents() + self.store.in_flight()
+                   if x.agent_app_id == d.agent_app_id):
+            forget_sources(self.cfg, d.agent_app_id, d.version)
+        return removed
+
+
+def failure_reason(cfg: Config, st: UnitStatus, since: float | None = None) -> str:
+    """Why the unit's last run ended, in words, with its last journal lines since `since`."""
+    code = st.exec_main_status
+    if st.result == "timeout":
+        why = (f"the agent did not report ready within {cfg.agents.boot_timeout_s} s "
+               "(agents.boot_timeout_s)")
+    elif st.result == "exit-code" and code in EXIT_MEANING:
+        why = f"{EXIT_MEANING[code]} (exit status {code})"
+    elif st.result == "signal":
+        why = f"the agent was killed by signal {code}"
+    else:
+        why = f"the agent exited ({st.result}, status {code})"
+    tail = journal_tail(st.name, since=since)
+    return f"{why}: {tail}" if tail else why
 
 
 def _fingerprint(d: Deployment) -> str:

@@ -1,4 +1,4 @@
-"""Safe unzip of an agent package into `extracted/{agentAppId}@{version}/`.
+"""Safe unzip of an agent package into its folder below `extracted/` (par.layout).
 
 Every entry is checked before anything is written: names (absolute, `..`,
 not UTF-8, duplicates), types (symlink, hard link, device, fifo), and the
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import ids
+from par import ids, layout
 from par.config import Config
 from par.errors import ParError
 from par.fsutil import fsync_dir, remove_tree
@@ -290,21 +290,22 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 def extract_package(cfg: Config, agent_id: str, version: str, apkg: Path,
-                    check: Callable[[Path], object] | None = None) -> Path:
-    """Extract `apkg` into `cfg.paths.extracted / f"{agent_id}@{version}"` and return that path.
+                    check: Callable[[Path], object] | None = None,
+                    sha256: str | None = None) -> Path:
+    """Extract `apkg` into its folder below `extracted/` and return that path.
 
-    The folder is built beside its final path and renamed into place; an
-    existing one is replaced.  `check(root)`, when given, runs on the complete
-    temporary folder before the rename (e.g. reading agent.yaml and the
-    requirements), so a package it refuses never replaces a good one.
-    Raises ParError (field: the offending entry) when the archive is refused;
-    nothing is left behind then.
+    The folder is `par.layout.extraction(agent_id, version, sha256)`: `sha256`
+    is the digest of `apkg`'s bytes (None: the flat name of PAR 0.1).  It is
+    built beside its final path and renamed into place; an existing one is
+    replaced.  `check(root)`, when given, runs on the complete temporary folder
+    before the rename (e.g. reading agent.yaml and the requirements), so a
+    package it refuses never replaces a good one.  Raises ParError (field: the
+    offending entry) when the archive is refused; nothing is left behind then.
     """
     ids.agent_id(agent_id)
     ids.version(version)
-    name = f"{agent_id}@{version}"
-    parent = cfg.paths.extracted
-    final = parent / name
+    final = layout.extraction(cfg, agent_id, version, sha256)
+    parent, name = final.parent, final.name
     parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(parent, name)
     with _open_zip(apkg) as zf:

@@ -1,4 +1,4 @@
-"""Download an agent package to `packages/{agentAppId}@{version}.apkg`.
+"""Download an agent package to `packages/{agentAppId}@{version}@{sha256[:12]}.apkg`.
 
 http(s) URLs (or `{"signedUrl": ...}` objects) are fetched with requests:
 a connect timeout and a total time budget, up to 3 attempts with backoff on
@@ -7,8 +7,14 @@ while streaming.  The body goes to a temporary file in the same folder,
 is verified against `packageSha256` when one is given, and is renamed into
 place only then: `packages/` never holds a partial or unverified file.
 
-A file already there is reused unless `forceRefresh` is set or its SHA-256
-differs from `packageSha256`.  `file://` URLs and plain paths are accepted
+Kept packages are named by the digest of their bytes (par.layout), so a new
+package never replaces one a deployment was started from.  What may be
+reused without a download:
+- with `packageSha256`: the kept file of that digest (no request at all);
+- without it: the file the same URL gave last time, when the server answers
+  a conditional GET (its ETag / Last-Modified) with 304.  Any other URL, or a
+  server without validators, is downloaded again.
+`forceRefresh` always downloads.  `file://` URLs and plain paths are accepted
 only from local callers (the CLI on the unix socket); they are copied in
 every time, since the source is at hand and may have changed.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -31,10 +38,10 @@ from typing import BinaryIO
 import requests
 import urllib3
 
-from par import ids
+from par import ids, layout
 from par.config import Config
 from par.errors import ParError
-from par.fsutil import fsync_dir
+from par.fsutil import atomic_write_text, fsync_dir
 from par.log import event
 
 ATTEMPTS = 3
@@ -51,8 +58,31 @@ class FetchResult:
     path: Path
     sha256: str
     bytes: int
-    reused: bool
+    reused: bool  # no download: the kept file was known good
     seconds: float
+    created: bool = False  # this fetch put a new file in packages/
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What identifies the bytes an http(s) URL gave (for a conditional GET)."""
+
+    url: str  # redacted: signed URLs change their query every time
+    sha256: str
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        out = {}
+        if self.etag:
+            out["If-None-Match"] = self.etag
+        if self.last_modified:
+            out["If-Modified-Since"] = self.last_modified
+        return out
+
+
+class _NotModified(Exception):
+    """The server says the package is the one fetched last time (304)."""
 
 
 class _Retry(Exception):
@@ -63,17 +93,29 @@ class _Retry(Exception):
         self.reason = reason
 
 
-def package_path(cfg: Config, agent_id: str, version: str) -> Path:
-    """Where the package of `agent_id` at `version` is kept."""
-    return cfg.paths.packages / f"{agent_id}@{version}.apkg"
+def _sources_file(cfg: Config, agent_id: str, version: str) -> Path:
+    return layout.package_sources(cfg) / f"{agent_id}@{version}.json"
 
 
-def discard_package(cfg: Config, agent_id: str, version: str) -> None:
-    """Delete the kept package file (e.g. after its contents were refused)."""
-    path = package_path(cfg, agent_id, version)
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
+def _read_validators(cfg: Config, agent_id: str, version: str) -> Validators | None:
+    try:
+        raw = json.loads(_sources_file(cfg, agent_id, version).read_text())
+        return Validators(url=str(raw["url"]), sha256=str(raw["sha256"]),
+                          etag=raw.get("etag"), last_modified=raw.get("lastModified"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_validators(cfg: Config, agent_id: str, version: str, v: Validators) -> None:
+    path = _sources_file(cfg, agent_id, version)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    atomic_write_text(path, json.dumps({"url": v.url, "sha256": v.sha256, "etag": v.etag,
+                                        "lastModified": v.last_modified}) + "\n")
+
+
+def forget_sources(cfg: Config, agent_id: str, version: str) -> None:
+    """Drop the remembered URL of agent@version (its package files are being purged)."""
+    _sources_file(cfg, agent_id, version).unlink(missing_ok=True)
 
 
 def redact_url(url: str) -> str:
@@ -186,8 +228,10 @@ def _body_chunks(resp: requests.Response, deadline: float, timeout_s: float) -> 
         yield chunk
 
 
-def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float) -> tuple[int, str]:
-    """One GET into `out`; return (bytes, sha256); raise _Retry or ParError."""
+def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float,
+             conditional: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    """One GET into `out`; return (bytes, sha256, the answer's validators);
+    raise _NotModified (304 to `conditional`), _Retry or ParError."""
     limits = cfg.limits
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -197,7 +241,7 @@ def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float) -> tuple[int
             url, stream=True,
             # The read timeout bounds each wait for data; the deadline bounds the whole.
             timeout=(min(limits.download_connect_timeout_s, remaining), remaining),
-            headers={"Accept-Encoding": "identity"},
+            headers={"Accept-Encoding": "identity", **conditional},
         )
     except requests.exceptions.ConnectTimeout as exc:
         raise _Retry(f"connection timed out ({type(exc).__name__})") from exc
@@ -214,6 +258,8 @@ def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float) -> tuple[int
         raise ParError("package_download_failed", f"cannot download the package: {exc}",
                        _FIELD_URL, 502) from exc
     with resp:
+        if resp.status_code == 304 and conditional:
+            raise _NotModified()
         if resp.status_code >= 500:
             raise _Retry(f"the server answered {resp.status_code}")
         if resp.status_code != 200:
@@ -228,11 +274,14 @@ def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float) -> tuple[int
             _body_chunks(resp, deadline, limits.download_timeout_s), out, cap)
         if declared and declared.isdigit() and size != int(declared):
             raise _Retry(f"the body ended after {size} of {declared} bytes")
-        return size, digest
+        validators = {k: resp.headers[h] for k, h in (("etag", "ETag"),
+                                                     ("last_modified", "Last-Modified"))
+                      if resp.headers.get(h)}
+        return size, digest, validators
 
 
 def _download(url: str, tmp: Path, cfg: Config, logger: logging.Logger | None,
-              backoff_s: float) -> tuple[int, str]:
+              backoff_s: float, conditional: dict[str, str]) -> tuple[int, str, dict[str, str]]:
     deadline = time.monotonic() + cfg.limits.download_timeout_s
     last = ""
     attempt = 0
@@ -240,10 +289,10 @@ def _download(url: str, tmp: Path, cfg: Config, logger: logging.Logger | None,
         attempt += 1
         with open(tmp, "wb") as out:
             try:
-                size, digest = _attempt(url, out, cfg, deadline)
+                size, digest, validators = _attempt(url, out, cfg, deadline, conditional)
                 out.flush()
                 os.fsync(out.fileno())
-                return size, digest
+                return size, digest, validators
             except _Retry as exc:
                 last = exc.reason
         if logger is not None:
@@ -281,12 +330,12 @@ def _copy_local(src: Path, tmp: Path, cfg: Config) -> tuple[int, str]:
 def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | dict,
                   sha256: str | None, force_refresh: bool, local_allowed: bool,
                   logger: logging.Logger | None, backoff_s: float = 1.0) -> FetchResult:
-    """Make `packages/{agent_id}@{version}.apkg` hold the requested package.
+    """Make `packages/` hold the requested package of `agent_id` at `version`.
 
     `local_allowed` is True only for the local socket: then `file://` URLs and
     plain paths are accepted.  `backoff_s` is the pause before the 2nd attempt
     (doubled before the 3rd).  Raises ParError naming `packageUrl` or
-    `packageSha256`; on failure no new file is left in `packages/`.
+    `packageSha256`; on failure no file in `packages/` was added or removed.
     """
     started = time.monotonic()
     ids.agent_id(agent_id)
@@ -301,39 +350,66 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
     if local is None and urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ParError("package_url_invalid",
                        "packageUrl: expected an http(s) URL", _FIELD_URL)
-    dest = package_path(cfg, agent_id, version)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder = cfg.paths.packages
+    folder.mkdir(parents=True, exist_ok=True)
     source = str(local) if local is not None else redact_url(url)
 
-    if local is None and not force_refresh and dest.is_file():
-        have = file_sha256(dest)
-        if expected is None or have == expected:
-            seconds = round(time.monotonic() - started, 3)
-            if logger is not None:
-                event(logger, "Reusing cached package", path=str(dest), sha256=have,
-                      agentAppId=agent_id, version=version)
-            return FetchResult(dest, have, dest.stat().st_size, True, seconds)
+    def reuse(path: Path, digest: str) -> FetchResult:
+        if logger is not None:
+            event(logger, "Reusing cached package", path=str(path), sha256=digest,
+                  agentAppId=agent_id, version=version)
+        return FetchResult(path, digest, path.stat().st_size, True,
+                           round(time.monotonic() - started, 3))
+
+    conditional: dict[str, str] = {}
+    known = None
+    if local is None and not force_refresh:
+        if expected is not None:
+            kept = layout.package_file(cfg, agent_id, version, expected)
+            if kept.is_file() and file_sha256(kept) == expected:
+                return reuse(kept, expected)
+        else:
+            known = _read_validators(cfg, agent_id, version)
+            if known is not None and known.url == source and \
+                    layout.package_file(cfg, agent_id, version, known.sha256).is_file():
+                conditional = known.headers()
 
     if logger is not None:
-        event(logger, "Downloading package", url=source, agentAppId=agent_id, version=version)
+        event(logger, "Downloading package", url=source, agentAppId=agent_id, version=version,
+              conditional=bool(conditional))
     # '~' cannot occur in ids or versions: the temp name never looks like a package.
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}~", suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{agent_id}@{version}~",
+                                    suffix=".part")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        validators: dict[str, str] = {}
         if local is not None:
             size, digest = _copy_local(local, tmp, cfg)
         else:
-            size, digest = _download(url, tmp, cfg, logger, backoff_s)
+            try:
+                size, digest, validators = _download(url, tmp, cfg, logger, backoff_s,
+                                                     conditional)
+            except _NotModified:
+                assert known is not None
+                tmp.unlink()
+                return reuse(layout.package_file(cfg, agent_id, version, known.sha256),
+                             known.sha256)
         if expected is not None and digest != expected:
-            # The file kept under this name is not the package asked for either.
-            dest.unlink(missing_ok=True)
             raise ParError("package_sha_mismatch",
                            f"the package's SHA-256 is {digest}, but packageSha256 "
                            f"says {expected}", _FIELD_SHA)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        dest = layout.package_file(cfg, agent_id, version, digest)
+        created = not dest.is_file()
+        if created:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+            fsync_dir(folder)
+        else:
+            tmp.unlink()  # the same bytes are kept already
+        if local is None:
+            _write_validators(cfg, agent_id, version, Validators(
+                source, digest, validators.get("etag"), validators.get("last_modified")))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -341,7 +417,7 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
     if logger is not None:
         event(logger, "Package downloaded", url=source, path=str(dest), bytes=size,
               sha256=digest, seconds=seconds)
-    return FetchResult(dest, digest, size, False, seconds)
+    return FetchResult(dest, digest, size, False, seconds, created)
 
 
 def cleanup_stale(cfg: Config) -> list[str]:

@@ -1,8 +1,10 @@
 """REST, A2A and UI port allocation for agents.
 
-A deployment keeps its ports for life (restarts of the agent or of `pard` reuse
-them, since they are stored with it); a new deployment of the same agent takes
-over the current one's ports.  Ports are never shared between agents, and a
+A deployment gets a port for each surface it declares (REST always: the host
+serves /health there).  It keeps its ports for life (restarts of the agent or
+of `pard` reuse them, since they are stored with it); a new deployment of the
+same agent takes over the current one's ports, and gets one for a surface it
+adds.  Ports are never shared between agents, and a
 port is checked free by binding it before it is handed out.
 """
 
@@ -35,10 +37,12 @@ def allocate(
     requested: dict[str, int],
     taken: Iterable[int],
     inherit: dict[str, int] | None = None,
+    kinds: Iterable[str] = KINDS,
 ) -> dict[str, int]:
-    """Ports for a new deployment.
+    """Ports for a new deployment, one per surface in `kinds` (those it declares).
 
-    requested: ports the deploy request names (must be free and not taken).
+    requested: ports the deploy request names (must be free and not taken);
+               those of surfaces not in `kinds` are not allocated.
     taken: ports other agents' deployments hold.
     inherit: the same agent's current ports, reused when not requested otherwise
              (they are bound by the running agent, so no bind check for them).
@@ -46,7 +50,8 @@ def allocate(
     taken_set = set(taken)
     inherit = inherit or {}
     out: dict[str, int] = {}
-    for kind in KINDS:
+    wanted = set(kinds)
+    for kind in (k for k in KINDS if k in wanted):
         field = f"surfaces.ports.{kind}"
         if kind in requested:
             port = requested[kind]

@@ -16,7 +16,8 @@ from par.deploy_request import DeployRequest
 from par.deployer import Deployer
 from par.errors import ParError
 from par.installers import install_uv
-from par.units import unit_name
+from par.store import Deployment
+from par.units import UnitStatus, unit_name
 
 
 class ParService:
@@ -51,20 +52,24 @@ class ParService:
     def deployment_health(self, ident: str) -> dict:
         d = self.deployer.resolve(ident)
         st = self.systemd.status(unit_name(d.agent_app_id)) if d.current else None
+        status = live_status(d, st)
         surfaces: dict = {}
         healthy = False
-        message = d.error_message or d.status
-        if st is not None and st.active_state == "active" and d.ports.get("rest"):
+        message = d.error_message or status
+        if st is not None and status == "healthy" and d.ports.get("rest"):
             code, body = _get_json(self.cfg.ports.bind_address, d.ports["rest"], "/health")
             healthy = code == 200 and bool(body.get("ok"))
             surfaces = body.get("surfaces", {}) if isinstance(body, dict) else {}
             message = "healthy" if healthy else f"agent /health answered {code}"
-        elif st is not None:
+        elif st is not None and status == "restarting":
+            message = (f"crashed; systemd restarts it (restarts so far: {st.n_restarts}, "
+                       f"unit {st.active_state} ({st.sub_state}))")
+        elif st is not None and not d.error_message:
             message = f"unit is {st.active_state} ({st.sub_state})"
         return {
             "deploymentId": d.deployment_id,
             "agentAppId": d.agent_app_id,
-            "status": d.status,
+            "status": status,
             "healthy": healthy,
             "message": message,
             "details": st.to_dict() if st is not None else None,
@@ -82,7 +87,10 @@ class ParService:
     def delete(self, ident: str, purge: bool) -> dict:
         return self.deployer.remove(ident, purge)
 
-    def agents(self) -> list[dict]:
+    def agents(self, include_all: bool = False) -> list[dict]:
+        """Every agent's current deployment with its live status, unit and resources;
+        `include_all`: agents with no current deployment too (a failed first deploy,
+        say), each with its newest deployment and no unit."""
         currents = sorted(self.store.currents(), key=lambda x: x.agent_app_id)
         live = self.systemd.statuses([unit_name(d.agent_app_id) for d in currents])
         out = []
@@ -90,11 +98,19 @@ class ParService:
             st, res = live[unit_name(d.agent_app_id)]
             out.append({
                 "agentAppId": d.agent_app_id,
+                "status": live_status(d, st),
                 "deployment": d.to_api(),
                 "unit": st.to_dict(),
                 "resources": {"rssBytes": res.rss_bytes, "cpuSeconds": res.cpu_seconds,
                               "pids": list(res.pids)} if res else None,
             })
+        if include_all:
+            have = {d.agent_app_id for d in currents}
+            for d in self.store.latest_per_agent():
+                if d.agent_app_id not in have:
+                    out.append({"agentAppId": d.agent_app_id, "status": d.status,
+                                "deployment": d.to_api(), "unit": None, "resources": None})
+            out.sort(key=lambda a: a["agentAppId"])
         return out
 
     # daemon
@@ -163,6 +179,23 @@ class ParService:
         # a new installer choice applies to the next builds
         self.venv_manager.reset_installer()
         return {"path": str(path), "version": self.venv_manager.installer.version()}
+
+
+def live_status(d: Deployment, st: UnitStatus | None) -> str:
+    """The deployment's status as it is now: the stored one, corrected by its unit.
+
+    A deployment stored `healthy` whose unit systemd is restarting after a crash
+    is "restarting"; one whose unit is failed (systemd gave up) or gone is
+    "failed" (the unit monitor records the reason a moment later).
+    """
+    if st is None or d.status != "healthy":
+        return d.status
+    if st.active_state == "active":
+        return "healthy"
+    if st.sub_state == "auto-restart" or st.active_state in ("activating", "deactivating",
+                                                             "reloading"):
+        return "restarting"
+    return "failed"
 
 
 def _get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, dict]:

@@ -83,7 +83,10 @@ _V1 = (
     )""",
     "CREATE INDEX events_deployment ON events (deployment_id, id)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Version 2: the SHA-256 of the package bytes a deployment runs (par.layout names its
+# files by it); NULL for deployments made before, which use the flat layout.
+_V2 = ("ALTER TABLE deployments ADD COLUMN package_digest TEXT",)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 # Deployment fields stored as JSON text, and the column each lives in.
 _JSON_COLUMNS = {"request": "request_json", "env": "env_json",
@@ -113,7 +116,7 @@ class Deployment:
     version: str
     package_url: str
     org_id: str = ""
-    package_sha256: str | None = None
+    package_sha256: str | None = None  # as requested (packageSha256)
     request: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     status: str = "pending"
@@ -129,6 +132,7 @@ class Deployment:
     phases: dict[str, dict[str, float | None]] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    package_digest: str | None = None  # SHA-256 of the package bytes fetched
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -177,6 +181,7 @@ class Deployment:
             "unit": self.unit,
             "venv": self.venv,
             "venvReused": self.venv_reused,
+            "packageDigest": self.package_digest,
             "ports": dict(self.ports),
             "phases": copy.deepcopy(self.phases),
             "createdAt": self.created_at,
@@ -560,6 +565,17 @@ class Store:
         """Every agent's current deployment, by agent id (what reconcile keeps running)."""
         with self._read() as conn:
             rows = conn.execute(f"{_SELECT} WHERE current = 1 ORDER BY agent_app_id").fetchall()
+        return [_from_row(r) for r in rows]
+
+    def latest_per_agent(self) -> list[Deployment]:
+        """Each agent's newest deployment that was not removed, by agent id."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_SELECT} WHERE rowid IN (SELECT rowid FROM deployments d WHERE status != "
+                "'removed' AND NOT EXISTS (SELECT 1 FROM deployments n WHERE n.agent_app_id = "
+                "d.agent_app_id AND n.status != 'removed' AND (n.created_at > d.created_at OR "
+                "(n.created_at = d.created_at AND n.rowid > d.rowid)))) ORDER BY agent_app_id"
+            ).fetchall()
         return [_from_row(r) for r in rows]
 
     def in_flight(self) -> list[Deployment]:

@@ -13,6 +13,7 @@ keeps its own additions and builds the StartTransientUnit message itself.
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -362,16 +363,25 @@ class Systemd:
                              b"org.freedesktop.DBus.Properties", b"PropertiesChanged",
                              _ignore_signal)
 
+            # pystemd 0.11's bus.wait() holds the GIL while it sleeps, which stalled
+            # every other thread of pard (the API) while an agent started.  poll()
+            # on the bus's fd releases it; process() then reads what arrived.
+            poller = select.poll()
+            poller.register(bus.get_fd(), select.POLLIN)
+
             def changes(timeout: float) -> Iterator[DBus]:
                 deadline = time.monotonic() + timeout
                 while True:
                     yield bus
+                    # Reads of the state may have queued signals already: those mean
+                    # "read again" at once, without waiting for the fd.
+                    if _drain(bus):
+                        continue
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return
-                    bus.wait(int(min(remaining, MAX_WAIT_S) * 1_000_000))
-                    while not bus.process().is_empty():
-                        pass  # drain: the signals only say "read again"
+                    poller.poll(int(min(remaining, MAX_WAIT_S) * 1000) + 1)
+                    _drain(bus)
 
             yield changes
 
@@ -459,6 +469,14 @@ class Systemd:
 
 # The longest a wait sleeps without a signal from systemd before reading the unit again.
 MAX_WAIT_S = 0.5
+
+
+def _drain(bus: DBus) -> bool:
+    """Process every message the bus has read or can read now; True if there was any."""
+    got = False
+    while not bus.process().is_empty():
+        got = True  # the signals only say "read again"
+    return got
 
 
 def _ignore_signal(*_args: object, **_kwargs: object) -> None:

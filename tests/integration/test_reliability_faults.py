@@ -361,7 +361,7 @@ def test_venv_deleted(pard: Pard) -> None:
 def extracted_gone(pard: Pard) -> dict:
     """A healthy agent whose extracted package folder was then deleted."""
     d = probe_agent(pard, "fl-extracted")
-    shutil.rmtree(pard.state / "extracted" / "fl-extracted@1.0.0")
+    shutil.rmtree(pard.state / "extracted" / f"fl-extracted@1.0.0@{d['packageDigest'][:12]}")
     return d
 
 
@@ -381,7 +381,8 @@ def test_extracted_deleted_restart(pard: Pard, extracted_gone: dict) -> None:
 def test_extracted_deleted_redeploy(pard: Pard, extracted_gone: dict) -> None:
     again = probe_agent(pard, "fl-extracted")
     assert again["deploymentId"] != extracted_gone["deploymentId"]
-    assert (pard.state / "extracted" / "fl-extracted@1.0.0" / "agent.yaml").is_file()
+    assert (pard.state / "extracted" / f"fl-extracted@1.0.0@{again['packageDigest'][:12]}"
+            / "agent.yaml").is_file()
     assert pard.client().action(again["deploymentId"], "restart")["status"] == "healthy"
 
 

@@ -73,8 +73,8 @@ class FakeService:
         self._call("delete", deployment_id, purge)
         return {"deleted": deployment_id, "purged": [Path("/x/packages/hello@1.apkg")]}
 
-    def agents(self) -> list[dict]:
-        self._call("agents")
+    def agents(self, include_all: bool = False) -> list[dict]:
+        self._call("agents", include_all)
         return [{"agentAppId": "hello"}]
 
     def daemon_health(self) -> dict:
@@ -213,7 +213,8 @@ ROUTES = [
     ("POST", "/deployments/d-1/restart", None, ("action", "d-1", "restart"), 200, "deploymentId"),
     ("DELETE", "/deployments/d-1", None, ("delete", "d-1", False), 200, "deleted"),
     ("DELETE", "/deployments/d-1?purge=1", None, ("delete", "d-1", True), 200, "purged"),
-    ("GET", "/agents", None, ("agents",), 200, "agents"),
+    ("GET", "/agents", None, ("agents", False), 200, "agents"),
+    ("GET", "/agents?all=1", None, ("agents", True), 200, "agents"),
     ("GET", "/health", None, ("daemon_health",), 200, "ok"),
     ("GET", "/venvs", None, ("venvs",), 200, "venvs"),
     ("POST", "/venvs/prune", None, ("prune_venvs",), 200, "evicted"),

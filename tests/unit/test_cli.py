@@ -108,7 +108,7 @@ def test_top_level_help_documents_the_exit_codes() -> None:
 
 def test_every_command_has_a_clear_help() -> None:
     paths = list(_commands(cli))
-    expected = {("deploy",), ("list",), ("status",), ("health",), ("logs",), ("stop",), ("start",),
+    expected = {("deploy",), ("list",), ("deployments",), ("status",), ("health",), ("logs",), ("stop",), ("start",),
                 ("restart",), ("rm",), ("venv",), ("venv", "list"), ("venv", "prune"),
                 ("venv", "prewarm"), ("pack",), ("installer",), ("installer", "install-uv"),
                 ("doctor",), ("version",)}
@@ -434,7 +434,7 @@ def test_pard_not_running_exits_4_with_one_line(sockdir: Path, app: App) -> None
 
 def test_unexpected_error_is_one_line_without_traceback(pard: FakePard, app: App,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(_self: object) -> dict:
+    def boom(_self: object, **_kw: object) -> dict:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(cli_module.Client, "agents", boom)

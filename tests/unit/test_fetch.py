@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from par.errors import ParError
-from par.fetch import discard_package, fetch_package, redact_url
+from par.fetch import fetch_package, forget_sources, redact_url
 from par.log import JsonFormatter
 from tests.unit.apkg_factory import make_cfg, tree
 
@@ -25,6 +25,8 @@ BODY = bytes(range(256)) * 400  # 100 KiB
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
 OTHER = b"another package"
 OTHER_SHA = hashlib.sha256(OTHER).hexdigest()
+BODY_FILE = f"demo@1.0.0@{BODY_SHA[:12]}.apkg"
+SOURCES = ".sources/demo@1.0.0.json"
 FAST = 0.01  # retry backoff in tests
 
 
@@ -34,6 +36,7 @@ class Server:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.body = BODY
+        self.conditional: list[str | None] = []  # If-None-Match of each /tagged request
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,6 +70,21 @@ class Server:
 
     def route_ok(self, h: BaseHTTPRequestHandler, n: int) -> None:
         self.send(h, 200, self.body)
+
+    def route_tagged(self, h: BaseHTTPRequestHandler, n: int) -> None:
+        """An ETag (the body's digest) and a 304 to a request that already has it."""
+        self.conditional.append(h.headers.get("If-None-Match"))
+        tag = f'"{hashlib.sha256(self.body).hexdigest()[:16]}"'
+        if h.headers.get("If-None-Match") == tag:
+            h.send_response(304)
+            h.send_header("ETag", tag)
+            h.end_headers()
+            return
+        h.send_response(200)
+        h.send_header("ETag", tag)
+        h.send_header("Content-Length", str(len(self.body)))
+        h.end_headers()
+        h.wfile.write(self.body)
 
     def route_missing(self, h: BaseHTTPRequestHandler, n: int) -> None:
         self.send(h, 404, b"not here")
@@ -143,15 +161,25 @@ def refused(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
     return info.value
 
 
+def refused_keeping(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
+    """Like `refused`, where packages/ held files before: they are all still there."""
+    before = {p: p.read_bytes() for p in cfg.paths.packages.rglob("*") if p.is_file()}
+    with pytest.raises(ParError) as info:
+        fetch(cfg, url, **kw)
+    assert (info.value.code, info.value.field) == (code, field), info.value
+    assert {p: p.read_bytes() for p in cfg.paths.packages.rglob("*") if p.is_file()} == before
+    return info.value
+
+
 def test_download_200(tmp_path: Path, server: Server) -> None:
     cfg = make_cfg(tmp_path)
     res = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
-    assert res.path == cfg.paths.packages / "demo@1.0.0.apkg"
-    assert (res.sha256, res.bytes, res.reused) == (BODY_SHA, len(BODY), False)
+    assert res.path == cfg.paths.packages / BODY_FILE
+    assert (res.sha256, res.bytes, res.reused, res.created) == (BODY_SHA, len(BODY), False, True)
     assert res.seconds >= 0
     assert res.path.read_bytes() == BODY
     assert stat.S_IMODE(res.path.stat().st_mode) == 0o644
-    assert tree(cfg.paths.packages) == ["demo@1.0.0.apkg"]
+    assert tree(cfg.paths.packages) == [".sources", SOURCES, BODY_FILE]
 
 
 def test_uppercase_sha_is_accepted(tmp_path: Path, server: Server) -> None:
@@ -224,14 +252,57 @@ def test_sha_mismatch_names_both_digests(tmp_path: Path, server: Server) -> None
     assert BODY_SHA in err.message and OTHER_SHA in err.message
 
 
-def test_cached_file_is_reused_without_a_request(tmp_path: Path, server: Server) -> None:
+def test_cached_file_is_reused_without_a_request_when_its_sha_is_given(
+        tmp_path: Path, server: Server) -> None:
     cfg = make_cfg(tmp_path)
     first = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
     again = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
-    no_sha = fetch(cfg, server.url + "/ok")
-    assert (again.reused, no_sha.reused) == (True, True)
+    assert again.reused and not again.created
     assert again.path == first.path and again.sha256 == BODY_SHA and again.bytes == len(BODY)
     assert server.hits["/ok"] == 1
+
+
+def test_without_a_sha_the_url_is_asked_again(tmp_path: Path, server: Server) -> None:
+    # A server without validators: the bytes are downloaded again and compared.
+    cfg = make_cfg(tmp_path)
+    first = fetch(cfg, server.url + "/ok")
+    same = fetch(cfg, server.url + "/ok")
+    assert (same.path, same.reused, same.created) == (first.path, False, False)
+    server.body = OTHER  # republished under the same version
+    other = fetch(cfg, server.url + "/ok")
+    assert other.sha256 == OTHER_SHA and other.path != first.path and other.created
+    assert first.path.read_bytes() == BODY  # the earlier package is still there, unchanged
+    assert server.hits["/ok"] == 3
+
+
+def test_a_new_url_for_a_cached_version_is_fetched(tmp_path: Path, server: Server) -> None:
+    # A republished package never hides behind the cached one: a 404 is a 404.
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok")
+    err = refused_keeping(cfg, server.url + "/missing", "package_download_failed")
+    assert "404" in err.message and server.hits["/missing"] == 1
+
+
+def test_conditional_get_with_the_etag(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    first = fetch(cfg, server.url + "/tagged")
+    again = fetch(cfg, server.url + "/tagged")
+    assert again.reused and again.path == first.path
+    server.body = OTHER
+    changed = fetch(cfg, server.url + "/tagged")
+    assert changed.sha256 == OTHER_SHA and not changed.reused
+    tag = f'"{BODY_SHA[:16]}"'
+    assert server.conditional == [None, tag, tag]
+    forced = fetch(cfg, server.url + "/tagged", force=True)  # no validators sent
+    assert forced.sha256 == OTHER_SHA and server.conditional[-1] is None
+
+
+def test_sha_mismatch_keeps_the_package_already_there(tmp_path: Path, server: Server) -> None:
+    cfg = make_cfg(tmp_path)
+    fetch(cfg, server.url + "/ok", sha=BODY_SHA)
+    refused_keeping(cfg, server.url + "/ok", "package_sha_mismatch", "packageSha256",
+                    sha=OTHER_SHA)
+    assert (cfg.paths.packages / BODY_FILE).read_bytes() == BODY
 
 
 def test_cached_file_with_another_sha_is_downloaded_again(tmp_path: Path, server: Server) -> None:
@@ -258,8 +329,8 @@ def test_failed_refresh_keeps_nothing_half_written(tmp_path: Path, server: Serve
     fetch(cfg, server.url + "/ok")
     with pytest.raises(ParError):
         fetch(cfg, server.url + "/down", force=True)
-    assert tree(cfg.paths.packages) == ["demo@1.0.0.apkg"]
-    assert (cfg.paths.packages / "demo@1.0.0.apkg").read_bytes() == BODY
+    assert tree(cfg.paths.packages) == [".sources", SOURCES, BODY_FILE]
+    assert (cfg.paths.packages / BODY_FILE).read_bytes() == BODY
 
 
 def test_signed_url_object(tmp_path: Path, server: Server) -> None:
@@ -326,9 +397,11 @@ def test_logs_never_show_the_signed_query(tmp_path: Path, server: Server) -> Non
         "https://h.example:8443/a/b.apkg"
 
 
-def test_discard_package(tmp_path: Path, server: Server) -> None:
+def test_forget_sources(tmp_path: Path, server: Server) -> None:
     cfg = make_cfg(tmp_path)
-    fetch(cfg, server.url + "/ok")
-    discard_package(cfg, "demo", "1.0.0")
-    discard_package(cfg, "demo", "1.0.0")  # already gone: fine
-    assert tree(cfg.paths.packages) == []
+    fetch(cfg, server.url + "/tagged")
+    forget_sources(cfg, "demo", "1.0.0")
+    forget_sources(cfg, "demo", "1.0.0")  # already gone: fine
+    assert tree(cfg.paths.packages) == [".sources", BODY_FILE]
+    fetch(cfg, server.url + "/tagged")  # nothing remembered: no conditional request
+    assert server.conditional == [None, None]

@@ -98,7 +98,7 @@ def test_migrates_a_version_0_file(db: Path) -> None:
 
 
 def test_migration_chain_from_an_older_version_keeps_rows(db: Path) -> None:
-    # A version-1 store made by hand, with a row, then code that knows version 2.
+    # A version-1 store made by hand, with a row, then code that knows one more version.
     db.parent.mkdir()
     conn = raw(db)
     for statement in MIGRATIONS[0]:
@@ -115,8 +115,10 @@ def test_migration_chain_from_an_older_version_keeps_rows(db: Path) -> None:
         old = s.get("old")
         assert (old.status, old.version, old.created_at) == ("healthy", "0.9", 1.0)
     conn = raw(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(v2)
     assert conn.execute("SELECT note FROM deployments").fetchall() == [("n",)]
+    # a deployment from before package digests were stored keeps the flat layout
+    assert conn.execute("SELECT package_digest FROM deployments").fetchall() == [(None,)]
 
 
 def test_failed_migration_rolls_back_and_keeps_the_version(db: Path) -> None:
@@ -429,7 +431,7 @@ def test_to_api_is_the_documented_record_with_env_redacted(store: Store) -> None
     d, _ = store.insert_deployment(dep(request=request))
     record = store.get("d-1").to_api()
     assert set(record) == {"deploymentId", "agentAppId", "orgId", "version", "status",
-                           "current", "desiredState", "error", "unit", "venv", "venvReused",
+                           "current", "desiredState", "error", "unit", "venv", "venvReused", "packageDigest",
                            "ports", "phases", "createdAt", "updatedAt", "request"}
     assert record["request"]["env"] == {"API_KEY": "***", "MODE": "***"}
     assert record["request"]["packageUrl"] == request["packageUrl"]
