@@ -205,7 +205,7 @@ def temp_leftovers(state: Path) -> list[str]:
         base = state / folder
         if base.is_dir():
             left += [f"{folder}/{p.name}" for p in base.iterdir()
-                     if p.name.startswith(".") and p.name not in (".locks", ".layers")]
+                     if p.name.startswith(".") and p.name not in (".locks", ".layers", ".sources")]
     return left
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def test_a_new_package_url_for_a_cached_version_is_fetched(pard: Pard, tmp_path:
         assert len([f for f in files_of(pard, "own-url") if f.startswith("extracted/")]) == 2
         # the same URL, the file changed on the server: fetched again, not the cached copy
         shutil.copy(site / "one.apkg", site / "two.apkg")
+        # Last-Modified has one-second resolution: make the change visible to it
+        later = time.time() + 5
+        os.utime(site / "two.apkg", (later, later))
         three = deploy_wait(pard, deploy_body("own-url", f"{base}/two.apkg"))
         assert three["packageDigest"] == one["packageDigest"]
         assert invoke(three["ports"]["rest"], {})["answer"] == "one"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from par import layout
 from tests.conftest import REPO
 
 from . import agents
@@ -78,7 +79,9 @@ def test_stop_start_restart(pard: Pard) -> None:
     port = d["ports"]["rest"]
     ok(parctl("stop", "cli-life"))
     assert agent_get(port, "/health", timeout=1)[0] != 200 if _listening(port) else True
-    assert json.loads(ok(parctl("status", "cli-life", "--json")))["deployment"]["status"] == "stopped"
+    stopped = parctl("status", "cli-life", "--json")
+    assert stopped.returncode == 3  # not running, as systemctl status says
+    assert json.loads(stopped.stdout)["deployment"]["status"] == "stopped"
     ok(parctl("start", "cli-life"))
     assert agent_get(port, "/health")[0] == 200
     ok(parctl("restart", "cli-life"))
@@ -94,15 +97,16 @@ def _listening(port: int) -> bool:
 
 def test_rm_and_purge(pard: Pard) -> None:
     d = pard.deploy("cli-rm", apkg_with(pard.root / "apkg", agents.probe("cli-rm")))
-    extracted = pard.state / "extracted" / f"cli-rm@{d['version']}"
-    package = pard.state / "packages" / f"cli-rm@{d['version']}.apkg"
+    key = layout.package_key("cli-rm", d["version"], d["packageDigest"])
+    package, extracted = pard.state / "packages" / f"{key}.apkg", pard.state / "extracted" / key
     assert extracted.exists() and package.exists()
     ok(parctl("rm", "cli-rm", "--purge"))
     assert not extracted.exists() and not package.exists()
     assert not _unit_exists("cli-rm")
     d2 = pard.deploy("cli-rm2", apkg_with(pard.root / "apkg", agents.probe("cli-rm2")))
     ok(parctl("rm", "cli-rm2"))
-    assert (pard.state / "extracted" / f"cli-rm2@{d2['version']}").exists()  # plain rm keeps files
+    key2 = layout.package_key("cli-rm2", d2["version"], d2["packageDigest"])
+    assert (pard.state / "extracted" / key2).exists()  # plain rm keeps files
     assert not _unit_exists("cli-rm2")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from par import layout
 from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, sh
 from tests.reliability_cases import (
     Answer,
@@ -134,6 +135,10 @@ def handler(ctx):
         return {"ok": False, "error": f"{type(exc).__name__}: {exc.strerror}"}
 '''
 
+
+def key(record: dict) -> str:
+    """The folder name of a deployment's extracted package (par.layout)."""
+    return layout.package_key(record["agentAppId"], record["version"], record["packageDigest"])
 
 @dataclass
 class World:
@@ -296,7 +301,7 @@ def test_agent_sees_no_state(world: World) -> None:
     assert hosts == [Path(pythonpath).name] and Path(pythonpath).parent == state / "host", hosts
     assert refused(world.invoke(a, op="write", path=f"{pythonpath}/par_agent_host/x.py"))
     assert world.invoke(a, op="list", path=str(state / "extracted"))["entries"] == \
-        ["sc-a@1.0.0"]
+        [key(a)]
     assert world.invoke(a, op="list", path=str(state / "venvs"))["entries"] == \
         [".layers", a["venv"]]
     # of the shared layers of installed packages, only the one its venv links
@@ -317,7 +322,7 @@ def test_agent_other_agent(world: World) -> None:
     assert world.invoke(b, op="write", path=f"{home_b}/mine")["ok"]
     state = world.pard.state
     for path in (f"{home_b}/mine", "/var/lib/private/par-agent/sc-b/mine",
-                 f"{state}/extracted/sc-b@1.0.0/src/main.py",
+                 f"{state}/extracted/{key(b)}/src/main.py",
                  f"{state}/venvs/{b['venv']}/pyvenv.cfg"):
         assert refused(world.invoke(a, op="read", path=path)), path
 
@@ -329,7 +334,7 @@ def test_agent_etc_par(world: World) -> None:
 
 def test_agent_read_only_code(world: World) -> None:
     a = world.a
-    root = world.pard.state / "extracted" / "sc-a@1.0.0"
+    root = world.pard.state / "extracted" / key(a)
     venv = world.pard.state / "venvs" / a["venv"]
     site = next(venv.glob("lib/python3*/site-packages"))
     for path in (root / "src" / "main.py", root / "par-agent.json", root / "new.py",
@@ -373,12 +378,12 @@ def test_unit_env_private(world: World) -> None:
 
 def test_package_private(world: World) -> None:
     extracted = world.pard.state / "extracted"
-    for argv in (["ls", str(extracted)], ["cat", str(extracted / "sc-a@1.0.0" / ".env")]):
+    for argv in (["ls", str(extracted)], ["cat", str(extracted / key(world.a) / ".env")]):
         res = subprocess.run([*NOBODY, *argv], capture_output=True, text=True, timeout=30)
         assert res.returncode != 0 and world.secrets["package .env"] not in res.stdout, res
     # the agent itself still reads its package (and the host its .env)
     assert world.invoke(world.a, op="read",
-                        path=str(extracted / "sc-a@1.0.0" / ".env"))["ok"]
+                        path=str(extracted / key(world.a) / ".env"))["ok"]
 
 
 def test_no_secret_in_journal(world: World) -> None:
