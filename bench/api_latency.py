@@ -67,7 +67,13 @@ def api_while_starting(agents: int, window_s: float, start_s: float) -> dict:
         client = Client(pard.socket, timeout=60)
         idle = latencies(client, window_s)
         dids = [pard.submit(f"lat-start-{i}", slow) for i in range(agents)]
-        busy = latencies(client, min(window_s, start_s))
+        # measured once every one of them waits for its unit's READY
+        deadline = time.monotonic() + 120
+        while any(client.deployment(d)["status"] != "starting" for d in dids):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agents never were all starting at once")
+            time.sleep(0.05)
+        busy = latencies(client, window_s)
         statuses = [client.deployment(d)["status"] for d in dids]
         for did in dids:
             pard.wait_healthy(did)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--window", type=float, default=8.0, help="seconds per measurement")
-    parser.add_argument("--start", type=float, default=8.0,
+    parser.add_argument("--start", type=float, default=20.0,
                         help="seconds each starting agent takes to READY")
     args = parser.parse_args(argv)
     missing = prerequisites()
