@@ -18,6 +18,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from par import __version__
 from par import cli as cli_module
 from par.cli import App, PhasePrinter, cli
 from tests.unit.test_client import (
@@ -557,10 +558,11 @@ def test_doctor_flags_a_world_writable_state_dir(app: App, sockdir: Path) -> Non
 
 def test_version_with_and_without_pard(pard: FakePard, app: App, sockdir: Path) -> None:
     pard.on("GET", "/health", (200, daemon_health()))
-    assert run(pard.socket_path, app, "version").output == "parctl 0.1.0\npard 0.1.0\n"
+    # parctl's own version, then the one the (fake) pard reports
+    assert run(pard.socket_path, app, "version").output == f"parctl {__version__}\npard 0.1.0\n"
     result = run(sockdir / "absent.sock", app, "version", "--json")
     assert result.exit_code == 0
-    assert json.loads(result.output) == {"parctl": "0.1.0", "pard": None}
+    assert json.loads(result.output) == {"parctl": __version__, "pard": None}
 
 
 # -- the real process --------------------------------------------------------------------
