@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from par import config, procs  # noqa: E402
+from par import config, layout, procs  # noqa: E402
 from par.config import Installer as InstallerConfig  # noqa: E402
 from par.fsutil import remove_tree  # noqa: E402
 from par.installers import PipInstaller, UvInstaller, compile_bytecode  # noqa: E402
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         pip_one = disk_usage(pip_venvs[:1])
 
         compiled = uv_venvs[0]
-        uncompiled = next(base.paths.venvs.glob("bench-nobc-0_*"))
+        uncompiled = next(layout.venvs(base).glob("bench-nobc-0_*"))
         import_runs = max(3, runs)
         imp_compiled = import_seconds(compiled, modules, import_runs, write_bytecode=False)
         imp_readonly = import_seconds(uncompiled, modules, import_runs, write_bytecode=False)

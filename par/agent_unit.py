@@ -20,13 +20,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from par import layout
 from par.config import Config
 from par.fsutil import write_if_changed
 from par.host_files import HOST_SOURCE
 from par.units import UnitSpec, unit_name
 
 SPEC_FILENAME = "par-agent.json"
-ENV_DIR = "env"  # below state_dir: the agents' EnvironmentFile=s
 # The host's permanent failures (see par_agent_host/exitcodes.py): restarting
 # cannot fix them, so systemd must not burn the start limit on them.
 HOST_PERMANENT_EXIT = (2, 3, 4)
@@ -116,7 +116,7 @@ def write_host_spec(launch: AgentLaunch) -> Path:
 
 def env_file_path(cfg: Config, agent_id: str) -> Path:
     """The root-only file holding the agent's own variables (`EnvironmentFile=`)."""
-    return cfg.paths.state_dir / ENV_DIR / f"{agent_id}.env"
+    return layout.env_file(cfg, agent_id)
 
 
 def _env_file_value(value: str) -> str:

@@ -40,27 +40,7 @@ def setting(default: object = dataclasses.MISSING, doc: str = "", *, factory=Non
 class Paths:
     state_dir: Path = setting(Path("/var/lib/pixell-runtime"), "Agents' packages, extracted files, venvs and the store live below this.")
     cache_dir: Path = setting(Path("/var/cache/pixell-runtime"), "Shared pip/uv caches; keep it on the same filesystem as state_dir (hardlinks).")
-
-    @property
-    def packages(self) -> Path:
-        return self.state_dir / "packages"
-
-    @property
-    def extracted(self) -> Path:
-        return self.state_dir / "extracted"
-
-    @property
-    def venvs(self) -> Path:
-        return self.state_dir / "venvs"
-
-    @property
-    def store(self) -> Path:
-        return self.state_dir / "state" / "par.db"
-
-    @property
-    def tools(self) -> Path:
-        """Where `parctl installer install-uv` puts the uv binary."""
-        return self.state_dir / "tools"
+    # every path below these two roots is named by par.layout
 
 
 @dataclass(frozen=True)

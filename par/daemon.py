@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sdnotify
 
-from par import __version__, config, extract, fetch, log
+from par import __version__, config, extract, fetch, layout, log
 from par.api import ApiServer
 from par.deployer import Deployer
 from par.errors import ParError
@@ -48,10 +48,10 @@ def prepare_dirs(cfg: config.Config) -> None:
     not be.  extracted/ is root-only, since packages hold `.env` files other local
     users must not read; packages and the store are root-only too.
     """
-    p = cfg.paths
-    for path, mode in ((p.state_dir, 0o755), (p.extracted, 0o700), (p.venvs, 0o755),
-                       (p.packages, 0o700), (p.store.parent, 0o700), (p.cache_dir, 0o755),
-                       (p.tools, 0o755)):
+    for path, mode in ((cfg.paths.state_dir, 0o755), (layout.extracted(cfg), 0o700),
+                       (layout.venvs(cfg), 0o755), (layout.packages(cfg), 0o700),
+                       (layout.store(cfg).parent, 0o700), (cfg.paths.cache_dir, 0o755),
+                       (layout.tools(cfg), 0o755)):
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, mode)
 
@@ -86,14 +86,14 @@ class Daemon:
         """Everything up to READY=1 (raises ParError when something is refused)."""
         cfg = self.cfg
         prepare_dirs(cfg)
-        self.store = Store.open(cfg.paths.store)
+        self.store = Store.open(layout.store(cfg))
         # a killed pard may have left partial downloads, extractions and venv builds
         removed = fetch.cleanup_stale(cfg) + extract.cleanup_stale(cfg) + cleanup_stale(cfg)
         if removed:
             log.event(self.logger, "Removed stale temporary folders", paths=removed)
         if not cache_on_same_filesystem(cfg):
             log.event(self.logger, "Cache and venvs on different filesystems", logging.WARNING,
-                      cache_dir=str(cfg.paths.cache_dir), venvs=str(cfg.paths.venvs),
+                      cache_dir=str(cfg.paths.cache_dir), venvs=str(layout.venvs(cfg)),
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
         host = install_host(cfg)
         venvs = VenvManager(cfg, self.logger)

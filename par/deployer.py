@@ -179,7 +179,7 @@ class Deployer:
         manifest = load_manifest(root, self.logger)
         reqs = effective_requirements(root, manifest, cfg.installer.allow_index_options)
         in_use = self._venvs_in_use()
-        had_venv = (cfg.paths.venvs / venv_name(d.agent_app_id, manifest.package_id,
+        had_venv = (layout.venvs(cfg) / venv_name(d.agent_app_id, manifest.package_id,
                                                 reqs.sha256)).exists()
         venv = self.venvs.ensure(d.agent_app_id, manifest.package_id, reqs.text, reqs.sha256, in_use)
         if not venv.reused and not had_venv:
@@ -237,7 +237,7 @@ class Deployer:
         manifest = load_manifest(root, self.logger)
         if not d.venv:
             raise ParError("venv_missing", f"deployment {d.deployment_id} has no venv recorded")
-        venv_path = self.cfg.paths.venvs / d.venv
+        venv_path = layout.venvs(self.cfg) / d.venv
         reqs = effective_requirements(root, manifest, self.cfg.installer.allow_index_options)
         layer = self.venvs.layer_path(venv_path)
         if self.venvs.validate(venv_path, reqs.sha256) is not None:
@@ -359,7 +359,7 @@ class Deployer:
         venvs_in_use = {x.venv for x in keepers if x.venv}
         removed: list[str] = []
         for path in paths:
-            is_venv = path.parent == self.cfg.paths.venvs
+            is_venv = path.parent == layout.venvs(self.cfg)
             if (path.name in venvs_in_use) if is_venv else (path in files_in_use):
                 continue
             try:
@@ -467,7 +467,7 @@ class Deployer:
         paths = list(layout.deployment_files(self.cfg, d.agent_app_id, d.version,
                                              d.package_digest))
         if d.venv:
-            paths.append(self.cfg.paths.venvs / d.venv)
+            paths.append(layout.venvs(self.cfg) / d.venv)
         removed = self._remove_unused(paths, exclude=d.deployment_id)
         if not any(x.version == d.version and x.deployment_id != d.deployment_id
                    for x in self.store.currents() + self.store.in_flight()

@@ -341,7 +341,7 @@ def compile_sources(root: Path) -> None:
 def cleanup_stale(cfg: Config) -> list[str]:
     """Remove half-extracted and swapped-out folders a killed pard left behind (at start)."""
     removed = []
-    folder = cfg.paths.extracted
+    folder = layout.extracted(cfg)
     if folder.is_dir():
         for path in list(folder.glob(".*~*.tmp")) + list(folder.glob(".*~*.old")):
             remove_tree(path)

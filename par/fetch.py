@@ -350,7 +350,7 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
     if local is None and urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ParError("package_url_invalid",
                        "packageUrl: expected an http(s) URL", _FIELD_URL)
-    folder = cfg.paths.packages
+    folder = layout.packages(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     source = str(local) if local is not None else redact_url(url)
 
@@ -423,7 +423,7 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
 def cleanup_stale(cfg: Config) -> list[str]:
     """Remove partial downloads a killed pard left behind (called once at start)."""
     removed = []
-    folder = cfg.paths.packages
+    folder = layout.packages(cfg)
     if folder.is_dir():
         for path in folder.glob(".*~*.part"):
             path.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from par import procs
+from par import layout, procs
 from par.config import Config
 from par.errors import ParError
 from par.fsutil import fsync_dir, remove_tree
@@ -48,7 +48,7 @@ def host_digest(source: Path = HOST_SOURCE) -> str:
 
 def host_dir(cfg: Config, digest: str) -> Path:
     """The folder agents get on their PYTHONPATH (it holds `par_agent_host` alone)."""
-    return cfg.paths.state_dir / "host" / digest
+    return layout.host_root(cfg) / digest
 
 
 def install_host(cfg: Config, source: Path = HOST_SOURCE) -> Path:

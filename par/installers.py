@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-from par import procs
+from par import layout, procs
 from par.config import Config
 from par.config import Installer as InstallerConfig
 from par.errors import ParError
@@ -179,7 +179,7 @@ def compile_bytecode(cfg: Config, venv_path: Path, timeout: float) -> procs.Proc
     Returns the run's result; the caller decides what a failure means."""
     # -S: no site, so no package's .pth file runs (as root) during the build
     argv = [str(venv_python(venv_path)), "-I", "-S", "-c", _COMPILE_SCRIPT,
-            str(venv_path / "lib"), str(cfg.paths.cache_dir / "pyc")]
+            str(venv_path / "lib"), str(layout.pyc_cache(cfg))]
     return procs.run(argv, timeout=timeout, env=_env({}))
 
 
@@ -241,7 +241,7 @@ class UvInstaller(Installer):
 
     @property
     def cache_dir(self) -> Path:
-        return self.cfg.paths.cache_dir / "uv"
+        return layout.installer_cache(self.cfg, "uv")
 
     def _uv_env(self) -> dict[str, str]:
         return _env({
@@ -305,7 +305,7 @@ class PipInstaller(Installer):
 
     @property
     def cache_dir(self) -> Path:
-        return self.cfg.paths.cache_dir / "pip"
+        return layout.installer_cache(self.cfg, "pip")
 
     def create_venv(self, *, path: Path, python: Path, prompt: str | None = None,
                     timeout: float = CREATE_TIMEOUT_S) -> None:
@@ -353,7 +353,7 @@ def find_uv(cfg: Config) -> Path | None:
     otherwise `state_dir/tools/uv`, then `uv` on PATH; None when there is none."""
     if cfg.installer.uv_path is not None:
         return _executable(cfg.installer.uv_path)
-    found = _executable(cfg.paths.tools / "uv")
+    found = _executable(layout.tools(cfg) / "uv")
     if found:
         return found
     which = shutil.which("uv")
@@ -369,7 +369,7 @@ def select_installer(cfg: Config) -> Installer:
     if uv is not None:
         return UvInstaller(cfg, uv)
     if kind == "uv":
-        where = cfg.installer.uv_path or f"{cfg.paths.tools / 'uv'} or PATH"
+        where = cfg.installer.uv_path or f"{layout.tools(cfg) / 'uv'} or PATH"
         raise ParError(
             "uv_not_found",
             f"installer.kind is uv but no uv binary was found at {where}: "
@@ -404,14 +404,14 @@ def _pip_command(cfg: Config, work: Path, deadline: float, timeout: float) -> li
 
 def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
     """Fetch the `uv` wheel from the configured index (or find_links) and put its
-    binary at `cfg.paths.tools / "uv"`; return that path.
+    binary at `layout.tools(cfg) / "uv"`; return that path.
 
     pip downloads the wheel (`--only-binary=:all: --no-deps`),
     the binary is taken from the wheel's `.data/scripts/`, checked with
     `--version` and renamed into place, so a failure leaves the old binary (or
     none) untouched.
     """
-    tools = cfg.paths.tools
+    tools = layout.tools(cfg)
     tools.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     work = Path(tempfile.mkdtemp(prefix=".install-uv-", dir=tools))

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import ids, procs
+from par import ids, layout, procs
 from par.config import Config
 from par.errors import ParError
 from par.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, remove_tree
@@ -57,12 +57,10 @@ from par.log import Timer, event
 # 2: venvs link a shared layer (`layer`); schema-1 venvs are rebuilt once.
 SCHEMA_VERSION = 2
 METADATA_FILE = "par-venv.json"
-LAYER_DIR = ".layers"  # below venvs/: the shared layers
 # The effective requirements the venv was built from, kept for inspection.
 REQUIREMENTS_FILE = "par-requirements.txt"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = f"{TMP_PREFIX}del-"  # a venv or layer being deleted
-LOCK_DIR = ".locks"
 VALIDATE_TIMEOUT_S = 30.0
 # A venv used this recently is never evicted: a deploy that was just handed it
 # may not be among the caller's in-use deployments yet.
@@ -228,7 +226,7 @@ def venv_lock(venvs_dir: Path, name: str, *, blocking: bool = True) -> Iterator[
     flock locks belong to an open file description, so two threads of one
     process exclude each other as well as two processes do.
     """
-    lock_dir = venvs_dir / LOCK_DIR
+    lock_dir = venvs_dir / layout.LOCK_DIR
     lock_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -256,7 +254,7 @@ def _all_dirs(root: Path) -> list[Path]:
     venvs being deleted: `_discard` renames them to `.tmp-del-...` first)."""
     try:
         return [p for p in root.iterdir()
-                if p.name not in (LAYER_DIR, LOCK_DIR) and not p.name.startswith(TRASH_PREFIX)
+                if p.name not in (layout.LAYER_DIR, layout.LOCK_DIR) and not p.name.startswith(TRASH_PREFIX)
                 and p.is_dir() and not p.is_symlink()]
     except FileNotFoundError:
         return []
@@ -269,7 +267,7 @@ def cleanup_stale(cfg: Config) -> list[str]:
     folder looks the same).
     """
     removed = []
-    for root in (cfg.paths.venvs, cfg.paths.venvs / LAYER_DIR):
+    for root in (layout.venvs(cfg), layout.venvs(cfg) / layout.LAYER_DIR):
         try:
             entries = list(root.iterdir())
         except FileNotFoundError:
@@ -380,7 +378,7 @@ def cache_on_same_filesystem(cfg: Config) -> bool:
             path = path.parent
         return path.stat().st_dev
 
-    return device(cfg.paths.cache_dir) == device(cfg.paths.venvs)
+    return device(cfg.paths.cache_dir) == device(layout.venvs(cfg))
 
 
 @dataclass(frozen=True)
@@ -446,8 +444,8 @@ class VenvManager:
         self.cfg = cfg
         self.evict_grace_s = evict_grace_s
         self.logger = logger
-        self.root = cfg.paths.venvs
-        self.layers = self.root / LAYER_DIR
+        self.root = layout.venvs(cfg)
+        self.layers = self.root / layout.LAYER_DIR
         self.counters = VenvCounters()
         self._given_installer = installer
         self._installer = installer
@@ -877,7 +875,7 @@ class VenvManager:
     def _prune_bytecode_store(self) -> int:
         """Delete .pyc files of the shared store that no venv links (link count 1)."""
         removed = 0
-        for dirpath, _, filenames in os.walk(self.cfg.paths.cache_dir / "pyc"):
+        for dirpath, _, filenames in os.walk(layout.pyc_cache(self.cfg)):
             for name in filenames:
                 path = os.path.join(dirpath, name)
                 try:

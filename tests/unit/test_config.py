@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from par import config
+from par import config, layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,5 +63,5 @@ def test_values_are_converted(tmp_path: Path) -> None:
     path.write_text("paths:\n  state_dir: /srv/par\nlimits:\n  download_timeout_s: 5\n")
     cfg = config.load(path)
     assert cfg.paths.state_dir == Path("/srv/par")
-    assert cfg.paths.venvs == Path("/srv/par/venvs")
+    assert layout.venvs(cfg) == Path("/srv/par/venvs")
     assert cfg.limits.download_timeout_s == 5.0 and isinstance(cfg.limits.download_timeout_s, float)

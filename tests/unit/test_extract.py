@@ -21,6 +21,7 @@ from tests.unit.apkg_factory import (
     write_zip,
 )
 
+from par import layout
 from par.errors import ParError
 from par.extract import extract_package
 from par.manifest import load_manifest
@@ -41,7 +42,7 @@ def refused(tmp_path: Path, apkg: Path, code: str, field: str | None = None, **l
     assert err.code == code, err
     if field is not None:
         assert err.field == field
-    assert tree(cfg.paths.extracted) == []
+    assert tree(layout.extracted(cfg)) == []
     return err
 
 
@@ -60,8 +61,8 @@ def test_good_package_extracts_with_normalized_modes(tmp_path: Path) -> None:
         root = extract_package(cfg, AGENT, VERSION, apkg)
     finally:
         os.umask(old_umask)
-    assert root == cfg.paths.extracted / "demo@1.0.0"
-    assert tree(cfg.paths.extracted) == ["demo@1.0.0"] + [
+    assert root == layout.extracted(cfg) / "demo@1.0.0"
+    assert tree(layout.extracted(cfg)) == ["demo@1.0.0"] + [
         f"demo@1.0.0/{p}" for p in ["agent.yaml", "bin", "bin/tool.sh", "data", "data/sub",
                                     "data/sub/x.json", "secret.txt", "src", "src/main.py",
                                     "win.txt"]]
@@ -83,7 +84,7 @@ def test_reextract_replaces_old_folder(tmp_path: Path) -> None:
     root = extract_package(cfg, AGENT, VERSION, second)
     assert (root / "new.txt").read_text() == "new"
     assert not (root / "old.txt").exists()
-    assert [p.name for p in cfg.paths.extracted.iterdir()] == ["demo@1.0.0"]
+    assert [p.name for p in layout.extracted(cfg).iterdir()] == ["demo@1.0.0"]
 
 
 def test_refused_archive_keeps_previous_extraction(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_refused_archive_keeps_previous_extraction(tmp_path: Path) -> None:
     bad = write_zip(tmp_path / "bad.apkg", base() + [Entry("../evil", b"x")])
     with pytest.raises(ParError):
         extract_package(cfg, AGENT, VERSION, bad)
-    assert tree(cfg.paths.extracted) == ["demo@1.0.0", "demo@1.0.0/agent.yaml",
+    assert tree(layout.extracted(cfg)) == ["demo@1.0.0", "demo@1.0.0/agent.yaml",
                                          "demo@1.0.0/keep.txt", "demo@1.0.0/src",
                                          "demo@1.0.0/src/main.py"]
 
@@ -103,13 +104,13 @@ def test_check_hook_refusal_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ParError) as info:
         extract_package(cfg, AGENT, VERSION, apkg, check=load_manifest)
     assert (info.value.code, info.value.field) == ("manifest_invalid", "name")
-    assert tree(cfg.paths.extracted) == []
+    assert tree(layout.extracted(cfg)) == []
 
 
 def test_stale_temp_folders_are_cleaned(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
-    stale = cfg.paths.extracted / ".demo@1.0.0~abc.tmp"
-    other = cfg.paths.extracted / ".demo@1.0.01~abc.tmp"  # another version: untouched
+    stale = layout.extracted(cfg) / ".demo@1.0.0~abc.tmp"
+    other = layout.extracted(cfg) / ".demo@1.0.01~abc.tmp"  # another version: untouched
     (stale / "src").mkdir(parents=True)
     other.mkdir()
     extract_package(cfg, AGENT, VERSION, package(tmp_path / "a.apkg", {}))
@@ -269,7 +270,7 @@ def test_bad_ids_are_refused_before_any_path_is_built(tmp_path: Path, agent: str
     with pytest.raises(ParError) as info:
         extract_package(cfg, agent, version, package(tmp_path / "a.apkg", {}))
     assert (info.value.code, info.value.field) == ("invalid_id", field)
-    assert not cfg.paths.extracted.exists()
+    assert not layout.extracted(cfg).exists()
 
 
 def test_package_path_is_a_folder(tmp_path: Path) -> None:
@@ -283,16 +284,16 @@ def test_cleanup_stale_removes_interrupted_extractions(tmp_path: Path) -> None:
     from par.fetch import cleanup_stale as cleanup_downloads
 
     cfg = with_state_dir(Config(), tmp_path)
-    (cfg.paths.extracted / ".a@1.0~x1.tmp" / "src").mkdir(parents=True)
-    (cfg.paths.extracted / ".a@1.0~x2.old").mkdir()
-    (cfg.paths.extracted / "a@1.0").mkdir()
-    cfg.paths.packages.mkdir(parents=True)
-    (cfg.paths.packages / ".a@1.0.apkg~zz.part").write_bytes(b"half")
-    (cfg.paths.packages / "a@1.0.apkg").write_bytes(b"whole")
+    (layout.extracted(cfg) / ".a@1.0~x1.tmp" / "src").mkdir(parents=True)
+    (layout.extracted(cfg) / ".a@1.0~x2.old").mkdir()
+    (layout.extracted(cfg) / "a@1.0").mkdir()
+    layout.packages(cfg).mkdir(parents=True)
+    (layout.packages(cfg) / ".a@1.0.apkg~zz.part").write_bytes(b"half")
+    (layout.packages(cfg) / "a@1.0.apkg").write_bytes(b"whole")
     assert len(cleanup_stale(cfg)) == 2
     assert len(cleanup_downloads(cfg)) == 1
-    assert sorted(p.name for p in cfg.paths.extracted.iterdir()) == ["a@1.0"]
-    assert sorted(p.name for p in cfg.paths.packages.iterdir()) == ["a@1.0.apkg"]
+    assert sorted(p.name for p in layout.extracted(cfg).iterdir()) == ["a@1.0"]
+    assert sorted(p.name for p in layout.packages(cfg).iterdir()) == ["a@1.0.apkg"]
 
 
 def test_compile_sources_leaves_readable_bytecode_and_skips_bad_files(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from par import layout
 from par.errors import ParError
 from par.fetch import fetch_package, forget_sources, redact_url
 from par.log import JsonFormatter
@@ -157,29 +158,29 @@ def refused(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
     with pytest.raises(ParError) as info:
         fetch(cfg, url, **kw)
     assert (info.value.code, info.value.field) == (code, field), info.value
-    assert tree(cfg.paths.packages) == []  # no partial or temp file
+    assert tree(layout.packages(cfg)) == []  # no partial or temp file
     return info.value
 
 
 def refused_keeping(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
     """Like `refused`, where packages/ held files before: they are all still there."""
-    before = {p: p.read_bytes() for p in cfg.paths.packages.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in layout.packages(cfg).rglob("*") if p.is_file()}
     with pytest.raises(ParError) as info:
         fetch(cfg, url, **kw)
     assert (info.value.code, info.value.field) == (code, field), info.value
-    assert {p: p.read_bytes() for p in cfg.paths.packages.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in layout.packages(cfg).rglob("*") if p.is_file()} == before
     return info.value
 
 
 def test_download_200(tmp_path: Path, server: Server) -> None:
     cfg = make_cfg(tmp_path)
     res = fetch(cfg, server.url + "/ok", sha=BODY_SHA)
-    assert res.path == cfg.paths.packages / BODY_FILE
+    assert res.path == layout.packages(cfg) / BODY_FILE
     assert (res.sha256, res.bytes, res.reused, res.created) == (BODY_SHA, len(BODY), False, True)
     assert res.seconds >= 0
     assert res.path.read_bytes() == BODY
     assert stat.S_IMODE(res.path.stat().st_mode) == 0o644
-    assert tree(cfg.paths.packages) == [".sources", SOURCES, BODY_FILE]
+    assert tree(layout.packages(cfg)) == [".sources", SOURCES, BODY_FILE]
 
 
 def test_uppercase_sha_is_accepted(tmp_path: Path, server: Server) -> None:
@@ -302,7 +303,7 @@ def test_sha_mismatch_keeps_the_package_already_there(tmp_path: Path, server: Se
     fetch(cfg, server.url + "/ok", sha=BODY_SHA)
     refused_keeping(cfg, server.url + "/ok", "package_sha_mismatch", "packageSha256",
                     sha=OTHER_SHA)
-    assert (cfg.paths.packages / BODY_FILE).read_bytes() == BODY
+    assert (layout.packages(cfg) / BODY_FILE).read_bytes() == BODY
 
 
 def test_cached_file_with_another_sha_is_downloaded_again(tmp_path: Path, server: Server) -> None:
@@ -329,8 +330,8 @@ def test_failed_refresh_keeps_nothing_half_written(tmp_path: Path, server: Serve
     fetch(cfg, server.url + "/ok")
     with pytest.raises(ParError):
         fetch(cfg, server.url + "/down", force=True)
-    assert tree(cfg.paths.packages) == [".sources", SOURCES, BODY_FILE]
-    assert (cfg.paths.packages / BODY_FILE).read_bytes() == BODY
+    assert tree(layout.packages(cfg)) == [".sources", SOURCES, BODY_FILE]
+    assert (layout.packages(cfg) / BODY_FILE).read_bytes() == BODY
 
 
 def test_signed_url_object(tmp_path: Path, server: Server) -> None:
@@ -402,6 +403,6 @@ def test_forget_sources(tmp_path: Path, server: Server) -> None:
     fetch(cfg, server.url + "/tagged")
     forget_sources(cfg, "demo", "1.0.0")
     forget_sources(cfg, "demo", "1.0.0")  # already gone: fine
-    assert tree(cfg.paths.packages) == [".sources", BODY_FILE]
+    assert tree(layout.packages(cfg)) == [".sources", BODY_FILE]
     fetch(cfg, server.url + "/tagged")  # nothing remembered: no conditional request
     assert server.conditional == [None, None]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from par import config, installers, procs
+from par import config, installers, layout, procs
 from par.config import Installer as InstallerConfig
 from par.errors import ParError
 from par.installers import (
@@ -73,12 +73,12 @@ def test_select_installer(tmp_path, monkeypatch):
     chosen = select_installer(_cfg(tmp_path, kind="auto", uv_path=explicit))
     assert isinstance(chosen, UvInstaller) and chosen.uv == explicit
     missing = _cfg(tmp_path, kind="auto", uv_path=tmp_path / "nope" / "uv")
-    _fake_uv(missing.paths.tools)
+    _fake_uv(layout.tools(missing))
     assert find_uv(missing) is None
     # unset: state_dir/tools/uv, then PATH
     cfg = _cfg(tmp_path, kind="auto")
-    assert find_uv(cfg) == cfg.paths.tools / "uv"
-    (cfg.paths.tools / "uv").unlink()
+    assert find_uv(cfg) == layout.tools(cfg) / "uv"
+    (layout.tools(cfg) / "uv").unlink()
     on_path = _fake_uv(tmp_path / "bin")
     monkeypatch.setenv("PATH", str(on_path.parent))
     assert find_uv(cfg) == on_path
@@ -149,11 +149,11 @@ def test_pip_installs_offline_and_compiles(tmp_path, wheelhouse):
 def test_install_uv_from_a_wheelhouse(tmp_path, wheelhouse):
     cfg = _cfg(tmp_path, find_links=[str(wheelhouse)], offline=True)
     path = install_uv(cfg, timeout=120)
-    assert path == cfg.paths.tools / "uv"
+    assert path == layout.tools(cfg) / "uv"
     assert os.access(path, os.X_OK)
     assert subprocess.run([str(path), "--version"], capture_output=True, text=True,
                           timeout=10).stdout.startswith("uv 9.9.9")
-    assert [p.name for p in cfg.paths.tools.iterdir()] == ["uv"]  # no work folder left
+    assert [p.name for p in layout.tools(cfg).iterdir()] == ["uv"]  # no work folder left
     assert find_uv(cfg) == path
 
 
@@ -166,7 +166,7 @@ def test_install_uv_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ParError) as err:
         install_uv(cfg, timeout=120)
     assert err.value.code == "uv_install_failed"
-    assert list(cfg.paths.tools.iterdir()) == []
+    assert list(layout.tools(cfg).iterdir()) == []
 
 
 def test_bytecode_is_compiled_once_and_shared(tmp_path, wheelhouse):

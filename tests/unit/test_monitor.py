@@ -173,11 +173,11 @@ def test_layout_names_files_by_their_bytes(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     sha = "ab" * 32
     pkg, root = layout.deployment_files(cfg, "a", "1.0+x", sha)
-    assert pkg == cfg.paths.packages / "a@1.0+x@abababababab.apkg"
-    assert root == cfg.paths.extracted / "a@1.0+x@abababababab"
+    assert pkg == layout.packages(cfg) / "a@1.0+x@abababababab.apkg"
+    assert root == layout.extracted(cfg) / "a@1.0+x@abababababab"
     # deployments from before the digest was recorded keep the flat names
     assert layout.deployment_files(cfg, "a", "1.0", None) == (
-        cfg.paths.packages / "a@1.0.apkg", cfg.paths.extracted / "a@1.0")
+        layout.packages(cfg) / "a@1.0.apkg", layout.extracted(cfg) / "a@1.0")
 
 
 def test_ports_only_for_the_declared_surfaces() -> None:

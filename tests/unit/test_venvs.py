@@ -20,14 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from par import config
+from par import config, layout
 from par import venvs as venvs_module
 from par.config import Installer as InstallerConfig
 from par.config import Venvs as VenvsConfig
 from par.errors import ParError
 from par.installers import Installer, select_installer
 from par.venvs import (
-    LAYER_DIR,
     METADATA_FILE,
     VenvManager,
     VenvMeta,
@@ -141,16 +140,16 @@ def run_py(venv: Path, code: str) -> str:
 def leftovers(cfg: config.Config) -> list[str]:
     """Everything in the venvs folder except the lock and layer folders, then any
     temporary folder among the layers."""
-    root = cfg.paths.venvs
+    root = layout.venvs(cfg)
     if not root.exists():
         return []
-    own = sorted(p.name for p in root.iterdir() if p.name not in (".locks", LAYER_DIR))
-    return own + sorted(p.name for p in (root / LAYER_DIR).glob(".tmp-*"))
+    own = sorted(p.name for p in root.iterdir() if p.name not in (layout.LOCK_DIR, layout.LAYER_DIR))
+    return own + sorted(p.name for p in (root / layout.LAYER_DIR).glob(".tmp-*"))
 
 
 def layers(cfg: config.Config) -> list[str]:
     """The layers (shared installed packages) in the venvs folder."""
-    return sorted(p.name for p in (cfg.paths.venvs / LAYER_DIR).glob("[!.]*"))
+    return sorted(p.name for p in (layout.venvs(cfg) / layout.LAYER_DIR).glob("[!.]*"))
 
 
 # -- naming ----------------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def test_build_then_reuse(tmp_path, wheelhouse, recorder, kind):
     text = "beta==1.0\nalpha==2.0\n"
     first = ensure(m, text)
     assert not first.reused and first.installer == kind
-    assert first.path == cfg.paths.venvs / first.name and first.name == f"agent-a_{sha(text)[:7]}"
+    assert first.path == layout.venvs(cfg) / first.name and first.name == f"agent-a_{sha(text)[:7]}"
     assert run_py(first.path, "import alpha, beta; print(alpha.VERSION)") == "2.0"
     # console scripts were written in the temporary folder; they must run from the final one
     cli = subprocess.run([str(first.path / "bin" / "alpha-cli")], capture_output=True,
@@ -529,7 +528,7 @@ def test_kill9_during_build_leaves_nothing_reusable(tmp_path, wheelhouse, record
     assert name not in left and all(n.startswith(".tmp-") for n in left) and left
     m, inst = manager(cfg, recorder)
     assert m.list() == []  # the half-built folder is not a venv
-    with venv_lock(cfg.paths.venvs, name, blocking=False) as got:
+    with venv_lock(layout.venvs(cfg), name, blocking=False) as got:
         assert got  # the dead builder's lock went with it
     assert cleanup_stale(cfg) == left
     assert leftovers(cfg) == []
@@ -682,8 +681,8 @@ def test_cleanup_stale_removes_only_temporary_folders(tmp_path, wheelhouse, reco
     cfg = make_cfg(tmp_path, wheelhouse)
     m, _ = manager(cfg, recorder)
     good = ensure(m, "alpha==1.0\n")
-    (cfg.paths.venvs / ".tmp-agent-x_abcdef0-123").mkdir()
-    (cfg.paths.venvs / ".tmp-del-agent-y_abcdef0-9").mkdir()
+    (layout.venvs(cfg) / ".tmp-agent-x_abcdef0-123").mkdir()
+    (layout.venvs(cfg) / ".tmp-del-agent-y_abcdef0-9").mkdir()
     assert sorted(cleanup_stale(cfg)) == [".tmp-agent-x_abcdef0-123", ".tmp-del-agent-y_abcdef0-9"]
     assert leftovers(cfg) == [good.name]
     assert ensure(m, "alpha==1.0\n").reused
@@ -729,8 +728,8 @@ def test_installer_is_chosen_again_after_reset(tmp_path, wheelhouse, recorder, m
     cfg = dataclasses.replace(cfg, installer=dataclasses.replace(cfg.installer, kind="auto"))
     m = VenvManager(cfg, recorder.logger)
     assert m.installer.name == "pip"  # no uv anywhere yet
-    cfg.paths.tools.mkdir(parents=True)
-    (cfg.paths.tools / "uv").symlink_to(uv_binary())  # what install-uv leaves
+    layout.tools(cfg).mkdir(parents=True)
+    (layout.tools(cfg) / "uv").symlink_to(uv_binary())  # what install-uv leaves
     assert m.installer.name == "pip"  # kept until told
     m.reset_installer()
     assert m.installer.name == "uv"
