@@ -398,7 +398,7 @@ class Deployer:
         d = self.store.current(ident)
         if d is not None:
             return d
-        latest = self.store.list(agent_app_id=ident)
+        latest = self.store.deployments(agent_app_id=ident)
         if latest:
             return latest[0]
         raise NotFound(f"no deployment or agent named {ident!r}", "id")

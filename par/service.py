@@ -37,7 +37,7 @@ class ParService:
         return self.deployer.submit(req, local=req.package_is_local)
 
     def list_deployments(self, agent_app_id: str | None = None, status: str | None = None) -> list[dict]:
-        return [d.to_api() for d in self.store.list(agent_app_id=agent_app_id, status=status)]
+        return [d.to_api() for d in self.store.deployments(agent_app_id=agent_app_id, status=status)]
 
     def get_deployment(self, ident: str, wait: float | None = None,
                        since: float | None = None) -> dict:
@@ -157,7 +157,7 @@ class ParService:
                  "inUseBy": list(v.in_use_by), "packageId": v.package_id,
                  "pythonVersion": v.python_version, "installer": v.installer,
                  "layer": v.layer, "layerShared": v.layer_users}
-                for v in self.venv_manager.list(users)]
+                for v in self.venv_manager.entries(users)]
 
     def prune_venvs(self) -> dict:
         in_use = {d.venv for d in self.store.currents() + self.store.in_flight() if d.venv}

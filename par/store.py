@@ -428,7 +428,7 @@ class Store:
         with self._read() as conn:
             return self._find(conn, deployment_id)
 
-    def list(self, agent_app_id: str | None = None,
+    def deployments(self, agent_app_id: str | None = None,
              status: str | None = None) -> list[Deployment]:
         """Deployments, newest first, optionally of one agent and/or in one status."""
         where, params = [], []

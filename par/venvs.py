@@ -888,7 +888,7 @@ class VenvManager:
 
     # -- listing and prewarm ----------------------------------------------------------
 
-    def list(self, in_use_by: Mapping[str, Iterable[str]] | None = None) -> list[VenvInfo]:
+    def entries(self, in_use_by: Mapping[str, Iterable[str]] | None = None) -> list[VenvInfo]:
         """Every venv with its size (with its layer; hardlinks counted once), last use,
         users, and the layer it shares.
 

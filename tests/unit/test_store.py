@@ -215,7 +215,7 @@ def test_insert_is_idempotent(db: Path) -> None:
         again, created = s.insert_deployment(dep(version="2.0.0"))
         assert not created
         assert again == first
-        assert len(s.list()) == 1
+        assert len(s.deployments()) == 1
         assert [e["event"] for e in s.events("d-1")] == ["accepted"]
 
 
@@ -230,10 +230,10 @@ def test_get_find_and_list(db: Path) -> None:
         s.insert_deployment(dep("d-2", "b"))
         s.insert_deployment(dep("d-3", "a"))
         s.update("d-3", status="healthy")
-        assert [d.deployment_id for d in s.list()] == ["d-3", "d-2", "d-1"]
-        assert [d.deployment_id for d in s.list(agent_app_id="a")] == ["d-3", "d-1"]
-        assert [d.deployment_id for d in s.list(status="pending")] == ["d-2", "d-1"]
-        assert [d.deployment_id for d in s.list("a", "healthy")] == ["d-3"]
+        assert [d.deployment_id for d in s.deployments()] == ["d-3", "d-2", "d-1"]
+        assert [d.deployment_id for d in s.deployments(agent_app_id="a")] == ["d-3", "d-1"]
+        assert [d.deployment_id for d in s.deployments(status="pending")] == ["d-2", "d-1"]
+        assert [d.deployment_id for d in s.deployments("a", "healthy")] == ["d-3"]
         assert s.find("nope") is None
         with pytest.raises(NotFound) as err:
             s.get("nope")
@@ -475,7 +475,7 @@ def test_eight_threads_fifty_writes_each_all_land(store: Store) -> None:
     for th in threads:
         th.join()
     assert errors == []
-    assert len(store.list()) == 400
+    assert len(store.deployments()) == 400
     conn = raw(store.path)
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (800,)
 
@@ -532,7 +532,7 @@ CHILD = textwrap.dedent("""
 
 def check_consistent(s: Store) -> int:
     """Every row agrees with the events written in the same transactions; returns the count."""
-    deployments = s.list()
+    deployments = s.deployments()
     for d in deployments:
         kinds = [e["event"] for e in s.events(d.deployment_id)]
         assert kinds[0] == "accepted", d

@@ -289,7 +289,7 @@ def test_same_requirements_share_one_layer(tmp_path, wheelhouse, recorder):
     # disk: the second venv costs its own small files only
     one, both = disk_usage([a.path]), disk_usage([a.path, b.path])
     assert both - one < 64 * 1024 < one
-    rows = {r.name: r for r in m.list()}
+    rows = {r.name: r for r in m.entries()}
     assert rows[a.name].layer_users == rows[b.name].layer_users == 2
     assert rows[other.name].layer_users == 1
     # the layer stays while one venv links it, and goes with the last one
@@ -527,7 +527,7 @@ def test_kill9_during_build_leaves_nothing_reusable(tmp_path, wheelhouse, record
     left = leftovers(cfg)
     assert name not in left and all(n.startswith(".tmp-") for n in left) and left
     m, inst = manager(cfg, recorder)
-    assert m.list() == []  # the half-built folder is not a venv
+    assert m.entries() == []  # the half-built folder is not a venv
     with venv_lock(layout.venvs(cfg), name, blocking=False) as got:
         assert got  # the dead builder's lock went with it
     assert cleanup_stale(cfg) == left
@@ -646,7 +646,7 @@ def test_byte_budget_counts_hardlinks_once(tmp_path, wheelhouse, recorder):
     both = disk_usage([a.path, b.path])
     assert one > 256 * 1024
     assert both - one < 200 * 1024  # the blob is one inode shared via uv's cache
-    rows = {r.name: r for r in m.list({a.name: ["dep-1", "dep-2"]})}
+    rows = {r.name: r for r in m.entries({a.name: ["dep-1", "dep-2"]})}
     assert rows[a.name].in_use_by == ("dep-1", "dep-2") and rows[b.name].in_use_by == ()
     assert rows[a.name].size_bytes == one and rows[a.name].installer == "uv"
     # a byte budget below two venvs evicts the unused one
