@@ -69,12 +69,6 @@ class AgentLaunch:
     # The shared layer the venv's site-packages links (par/venvs.py), bound like the venv.
     layer_path: Path | None = None
 
-    def surfaces(self) -> tuple[str, ...]:
-        """The surfaces the agent serves, each of which needs a port: REST always
-        (the host answers /health there), A2A and UI when the manifest declares them."""
-        return ("rest", *(("a2a",) if self.a2a_service else ()),
-                *(("ui",) if self.ui_path else ()))
-
 
 def dynamic_user_name(agent_id: str) -> str:
     """A valid, unique user name (≤ 31 chars) per agent.

@@ -25,11 +25,14 @@ from pathlib import Path
 import sdnotify
 
 from par import __version__, config, extract, fetch, layout, log
+from par.actions import Actions
+from par.agent_locks import AgentLocks
 from par.api import ApiServer
 from par.deployer import Deployer
 from par.errors import ParError
 from par.host_files import install_host
 from par.monitor import UnitMonitor
+from par.pipeline import Core
 from par.reconcile import reconcile
 from par.service import ParService
 from par.store import Store
@@ -62,7 +65,8 @@ def read_token(path: Path) -> str:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ParError("token_missing",
-                       f"listen.tcp is set but the token file {path} cannot be read ({exc.strerror})",
+                       f"listen.tcp is set but the token file {path} cannot be read "
+                       f"({exc.strerror})",
                        "listen.token_file") from exc
     if not token:
         raise ParError("token_missing", f"token file {path} is empty", "listen.token_file")
@@ -76,6 +80,8 @@ class Daemon:
         self.cfg = cfg
         self.logger = logger
         self.events: queue.Queue[str] = queue.Queue()
+        # sdnotify, the library made for it; the agent host has a stdlib copy of its own
+        # only because the host must run in agents' venvs without PAR's dependencies
         self.notifier = sdnotify.SystemdNotifier()
         self.store: Store | None = None
         self.api: ApiServer | None = None
@@ -86,7 +92,7 @@ class Daemon:
         """Everything up to READY=1 (raises ParError when something is refused)."""
         cfg = self.cfg
         prepare_dirs(cfg)
-        self.store = Store.open(layout.store(cfg))
+        self.store = store = Store.open(layout.store(cfg))
         # a killed pard may have left partial downloads, extractions and venv builds
         removed = fetch.cleanup_stale(cfg) + extract.cleanup_stale(cfg) + cleanup_stale(cfg)
         if removed:
@@ -95,14 +101,14 @@ class Daemon:
             log.event(self.logger, "Cache and venvs on different filesystems", logging.WARNING,
                       cache_dir=str(cfg.paths.cache_dir), venvs=str(layout.venvs(cfg)),
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
-        host = install_host(cfg)
-        venvs = VenvManager(cfg, self.logger)
-        systemd = Systemd()
-        self.deployer = Deployer(cfg, self.store, systemd, venvs, self.logger, host)
-        report = reconcile(self.deployer, self.logger)
-        self.monitor = UnitMonitor(self.store, systemd, self.deployer.agent_lock, self.logger)
+        core = Core(cfg=cfg, store=store, systemd=Systemd(), venvs=VenvManager(cfg, self.logger),
+                    logger=self.logger, host_dir=install_host(cfg))
+        locks = AgentLocks()
+        self.deployer = Deployer(core, locks, cfg.workers)
+        report = reconcile(core, locks)
+        self.monitor = UnitMonitor(store, core.systemd, locks.of, self.logger)
         self.monitor.start()
-        service = ParService(self.deployer)
+        service = ParService(core, self.deployer, Actions(core, locks, self.deployer))
         self.api = ApiServer(service, cfg, self.logger)
         self.api.serve_unix(cfg.listen.socket)
         if cfg.listen.tcp:

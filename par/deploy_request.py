@@ -183,6 +183,14 @@ def parse_deploy_request(
     )
 
 
+def from_stored(raw: dict) -> DeployRequest:
+    """The request a deployment was stored with (`Deployment.full_request()`), typed again.
+
+    A stored request passed these rules when it arrived; local URLs in it came
+    over the unix socket (the only place they are accepted)."""
+    return parse_deploy_request(raw, local=True, idempotency_key=None)
+
+
 def _invalid(name: str, message: str) -> ParError:
     return ParError("invalid_field", message, name, 400)
 

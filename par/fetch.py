@@ -328,12 +328,12 @@ def _copy_local(src: Path, tmp: Path, cfg: Config) -> tuple[int, str]:
 
 
 def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | dict,
-                  sha256: str | None, force_refresh: bool, local_allowed: bool,
+                  sha256: str | None, force_refresh: bool,
                   logger: logging.Logger | None, backoff_s: float = 1.0) -> FetchResult:
     """Make `packages/` hold the requested package of `agent_id` at `version`.
 
-    `local_allowed` is True only for the local socket: then `file://` URLs and
-    plain paths are accepted.  `backoff_s` is the pause before the 2nd attempt
+    `file://` URLs and plain paths are read from the local disk: only the unix
+    socket accepts them (par.deploy_request refuses them over TCP).  `backoff_s` is the pause before the 2nd attempt
     (doubled before the 3rd).  Raises ParError naming `packageUrl` or
     `packageSha256`; on failure no file in `packages/` was added or removed.
     """
@@ -343,10 +343,6 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
     expected = _check_sha(sha256)
     url = _url_of(package_url)
     local = _local_source(url)
-    if local is not None and not local_allowed:
-        raise ParError("package_url_not_allowed",
-                       "packageUrl: local files are accepted only from the local socket; "
-                       "use an http(s) URL", _FIELD_URL, 403)
     if local is None and urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ParError("package_url_invalid",
                        "packageUrl: expected an http(s) URL", _FIELD_URL)

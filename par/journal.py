@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 from par import procs
+from par.agent_unit import EXIT_MEANING
+from par.units import UnitStatus
 
 # systemd's own lines about a unit that say nothing about why it failed
 _SYSTEMD_NOISE = re.compile(
@@ -52,3 +54,19 @@ def main_exits(text: list[str]) -> list[MainExit]:
 def tail(unit: str, keep: int = 3, since: float | None = None) -> str:
     """The last meaningful journal lines of a unit (see `lines`, `meaningful_tail`)."""
     return meaningful_tail(lines(unit, since), keep)
+
+
+def failure_reason(st: UnitStatus, boot_timeout_s: float, since: float | None = None) -> str:
+    """Why the unit's last run ended, in words, with its last journal lines since `since`."""
+    code = st.exec_main_status
+    if st.result == "timeout":
+        why = (f"the agent did not report ready within {boot_timeout_s} s "
+               "(agents.boot_timeout_s)")
+    elif st.result == "exit-code" and code in EXIT_MEANING:
+        why = f"{EXIT_MEANING[code]} (exit status {code})"
+    elif st.result == "signal":
+        why = f"the agent was killed by signal {code}"
+    else:
+        why = f"the agent exited ({st.result}, status {code})"
+    text = tail(st.name, since=since)
+    return f"{why}: {text}" if text else why

@@ -82,6 +82,12 @@ class Manifest:
         declared = {"rest": self.rest_entry, "a2a": self.a2a_service, "ui": self.ui_path}
         return tuple(name for name, value in declared.items() if value)
 
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The surfaces the agent serves, each of which needs a port: REST always
+        (the host answers /health there), A2A and UI when declared."""
+        return ("rest", *(s for s in self.surfaces if s != "rest"))
+
 
 def _invalid(key: str, why: str) -> ParError:
     return ParError("manifest_invalid", f"agent.yaml: {key}: {why}", key)

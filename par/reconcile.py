@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from par.deployer import Deployer
+from par import pipeline
+from par.agent_locks import AgentLocks
 from par.errors import ParError
 from par.log import event
-from par.units import agent_id_of, unit_name
+from par.pipeline import Core
+from par.units import Systemd, agent_id_of, unit_name
 
 
 @dataclass
@@ -33,9 +35,9 @@ class ReconcileReport:
     unknown_units: list[str] = field(default_factory=list)
 
 
-def reconcile(deployer: Deployer, logger: logging.Logger) -> ReconcileReport:
+def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
     """Adopt, re-create or fail every deployment according to the store (see module doc)."""
-    store, systemd = deployer.store, deployer.systemd
+    store, systemd, logger = core.store, core.systemd, core.logger
     report = ReconcileReport()
 
     for d in store.in_flight():
@@ -55,8 +57,7 @@ def reconcile(deployer: Deployer, logger: logging.Logger) -> ReconcileReport:
                 _unit_deployment(systemd, st.name) == d.deployment_id:
             # half-started: its unit must not linger; the previous deployment, if
             # any, is brought back below like any current one whose unit is gone
-            systemd.stop(st.name, wait_s=_stop_wait(deployer, d))
-            systemd.reset_failed(st.name)
+            pipeline.stop_deployment(core, d, current=st)
         store.fail(d.deployment_id, "interrupted",
                    f"pard stopped during '{d.status}'; deploy again to retry")
         store.add_event(d.deployment_id, d.agent_app_id, "Deployment interrupted", phase=d.status)
@@ -77,15 +78,16 @@ def reconcile(deployer: Deployer, logger: logging.Logger) -> ReconcileReport:
         try:
             if st.exists:
                 systemd.reset_failed(name)
-            with deployer.agent_lock(d.agent_app_id):
-                st = deployer.start_unit(deployer.launch_for(d))
+            with locks.of(d.agent_app_id):
+                st = pipeline.start(core, pipeline.relaunch(core, d))
             store.update(d.deployment_id, status="healthy", error_code=None,
                          error_message=None, error_field=None)
             store.add_event(d.deployment_id, d.agent_app_id, "Agent re-created by reconcile",
                             pid=st.main_pid)
             report.restarted.append(d.agent_app_id)
         except ParError as exc:
-            store.fail(d.deployment_id, exc.code, f"could not start after daemon restart: {exc.message}")
+            store.fail(d.deployment_id, exc.code,
+                       f"could not start after daemon restart: {exc.message}")
             store.add_event(d.deployment_id, d.agent_app_id, "Reconcile failed", code=exc.code,
                             message=exc.message)
             report.failed.append(d.agent_app_id)
@@ -102,17 +104,15 @@ def reconcile(deployer: Deployer, logger: logging.Logger) -> ReconcileReport:
     return report
 
 
-def _stop_wait(deployer: Deployer, d) -> float:
-    return float(d.request.get("stopTimeoutSec") or deployer.cfg.agents.stop_timeout_s) + 10
-
-
-def _unit_deployment(systemd, unit: str) -> str | None:
+def _unit_deployment(systemd: Systemd, unit: str) -> str | None:
     """The DEPLOYMENT_ID in a unit's environment (which deployment it runs)."""
     try:
         env = systemd.property(unit, "Service", "Environment")
     except Exception:
         return None
-    for item in env or []:
+    if not isinstance(env, (list, tuple)):
+        return None
+    for item in env:
         text = item.decode() if isinstance(item, bytes) else str(item)
         if text.startswith("DEPLOYMENT_ID="):
             return text.split("=", 1)[1]

@@ -1,5 +1,6 @@
-"""What the API serves: `ParService` implements `par.api.Service` over the deployer,
-the store, the venvs and systemd.  Handlers return plain dicts (docs/api.md)."""
+"""What the API serves: `ParService` implements `par.api.Service` over the deploy
+runner, the actions, the store, the venvs and systemd.  Handlers return plain
+dicts (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import urllib.request
 from pathlib import Path
 
 from par import __version__
+from par.actions import Actions, resolve
 from par.deploy_request import DeployRequest
 from par.deployer import Deployer
 from par.errors import ParError
 from par.installers import install_uv
+from par.pipeline import Core, venvs_in_use
 from par.store import Deployment
 from par.units import UnitStatus, unit_name
 
@@ -23,34 +26,39 @@ from par.units import UnitStatus, unit_name
 class ParService:
     """The daemon's answers to API calls."""
 
-    def __init__(self, deployer: Deployer, started_at: float | None = None) -> None:
+    def __init__(self, core: Core, deployer: Deployer, actions: Actions,
+                 started_at: float | None = None) -> None:
+        self.core = core
+        self.cfg = core.cfg
+        self.store = core.store
+        self.systemd = core.systemd
+        self.venv_manager = core.venvs
         self.deployer = deployer
-        self.cfg = deployer.cfg
-        self.store = deployer.store
-        self.systemd = deployer.systemd
-        self.venv_manager = deployer.venvs
+        self.actions = actions
         self.started_at = started_at or time.time()
 
     # deployments
     def deploy(self, req: DeployRequest) -> tuple[int, dict]:
-        # the API refuses file:// and paths over TCP, so a local URL means the local socket
-        return self.deployer.submit(req, local=req.package_is_local)
+        return self.deployer.submit(req)
 
-    def list_deployments(self, agent_app_id: str | None = None, status: str | None = None) -> list[dict]:
-        return [d.to_api() for d in self.store.deployments(agent_app_id=agent_app_id, status=status)]
+    def list_deployments(self, agent_app_id: str | None = None,
+                         status: str | None = None) -> list[dict]:
+        """Deployments, newest first, of one agent and/or in one status."""
+        return [d.to_api() for d in self.store.deployments(agent_app_id=agent_app_id,
+                                                           status=status)]
 
     def get_deployment(self, ident: str, wait: float | None = None,
                        since: float | None = None) -> dict:
         """The deployment; with `wait`, once its `updatedAt` differs from `since` (by
         default: from what it is now), or after `wait` seconds."""
-        d = self.deployer.resolve(ident)
+        d = resolve(self.store, ident)
         if wait:
             d = self.store.wait_for_change(d.deployment_id,
                                            d.updated_at if since is None else since, wait)
         return d.to_api()
 
     def deployment_health(self, ident: str) -> dict:
-        d = self.deployer.resolve(ident)
+        d = resolve(self.store, ident)
         st = self.systemd.status(unit_name(d.agent_app_id)) if d.current else None
         status = live_status(d, st)
         surfaces: dict = {}
@@ -78,14 +86,14 @@ class ParService:
         }
 
     def deployment_events(self, ident: str, limit: int | None = None) -> list[dict]:
-        d = self.deployer.resolve(ident)
+        d = resolve(self.store, ident)
         return self.store.events(d.deployment_id, limit=limit)
 
     def action(self, ident: str, name: str) -> dict:
-        return self.deployer.action(ident, name).to_api()
+        return self.actions.act(ident, name).to_api()
 
     def delete(self, ident: str, purge: bool) -> dict:
-        return self.deployer.remove(ident, purge)
+        return self.actions.remove(ident, purge)
 
     def agents(self, include_all: bool = False) -> list[dict]:
         """Every agent's current deployment with its live status, unit and resources;
@@ -110,7 +118,7 @@ class ParService:
                 if d.agent_app_id not in have:
                     out.append({"agentAppId": d.agent_app_id, "status": d.status,
                                 "deployment": d.to_api(), "unit": None, "resources": None})
-            out.sort(key=lambda a: a["agentAppId"])
+            out.sort(key=lambda a: str(a["agentAppId"]))
         return out
 
     # daemon
@@ -134,7 +142,8 @@ class ParService:
             lines.append(f'par_deployments{{status="{status}"}} {n}')
         v = self.venv_manager.counters.snapshot()
         for key in ("hits", "misses", "builds", "failures", "evictions"):
-            lines += [f"# TYPE par_venv_{key}_total counter", f"par_venv_{key}_total {int(v.get(key, 0))}"]
+            lines += [f"# TYPE par_venv_{key}_total counter",
+                      f"par_venv_{key}_total {int(v.get(key, 0))}"]
         lines += ["# TYPE par_venv_build_seconds_total counter",
                   f"par_venv_build_seconds_total {v.get('build_seconds', 0.0):.3f}"]
         c = self.deployer.counters
@@ -160,12 +169,12 @@ class ParService:
                 for v in self.venv_manager.entries(users)]
 
     def prune_venvs(self) -> dict:
-        in_use = {d.venv for d in self.store.currents() + self.store.in_flight() if d.venv}
-        return {"evicted": self.venv_manager.prune(in_use, all_unused=True)}
+        return {"evicted": self.venv_manager.prune(venvs_in_use(self.store), all_unused=True)}
 
     def prewarm(self, requirements: str) -> dict:
         if not isinstance(requirements, str) or not requirements.strip():
-            raise ParError("invalid_field", "requirements must be a non-empty string", "requirements")
+            raise ParError("invalid_field", "requirements must be a non-empty string",
+                           "requirements")
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
             fh.write(requirements)
         try:

@@ -38,7 +38,7 @@ def deploy_files(tmp_path: Path, name: str) -> Path:
     """Pack the example, fetch it as a local file, extract it; return the extracted root."""
     cfg = make_cfg(tmp_path)
     apkg = pack_folder(EXAMPLES / name, tmp_path / f"{name}.apkg")
-    fetched = fetch_package(cfg, name, "0.1.0", f"file://{apkg}", None, False, True, None)
+    fetched = fetch_package(cfg, name, "0.1.0", f"file://{apkg}", None, False, None)
     return extract_package(cfg, name, "0.1.0", fetched.path, check=load_manifest)
 
 

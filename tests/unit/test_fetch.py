@@ -150,8 +150,8 @@ def server() -> Iterator[Server]:
     srv.close()
 
 
-def fetch(cfg, url, sha=None, force=False, local=False, logger=None, version="1.0.0"):
-    return fetch_package(cfg, "demo", version, url, sha, force, local, logger, backoff_s=FAST)
+def fetch(cfg, url, sha=None, force=False, logger=None, version="1.0.0"):
+    return fetch_package(cfg, "demo", version, url, sha, force, logger, backoff_s=FAST)
 
 
 def refused(cfg, url, code: str, field: str = "packageUrl", **kw) -> ParError:
@@ -342,7 +342,7 @@ def test_signed_url_object(tmp_path: Path, server: Server) -> None:
 @pytest.mark.parametrize("url", [{"url": "http://x"}, {"signedUrl": ""}, "", 42,
                                  "ftp://example.com/a.apkg", "file://otherhost/a.apkg"])
 def test_bad_package_urls(tmp_path: Path, url: object) -> None:
-    refused(make_cfg(tmp_path), url, "package_url_invalid", local=True)
+    refused(make_cfg(tmp_path), url, "package_url_invalid")
 
 
 def test_bad_sha(tmp_path: Path, server: Server) -> None:
@@ -351,27 +351,25 @@ def test_bad_sha(tmp_path: Path, server: Server) -> None:
     assert server.hits["/ok"] == 0
 
 
-def test_local_files_only_when_local(tmp_path: Path) -> None:
+def test_local_files(tmp_path: Path) -> None:
+    # only the unix socket accepts them: par.deploy_request refuses them over TCP
     src = tmp_path / "my.apkg"
     src.write_bytes(BODY)
     cfg = make_cfg(tmp_path)
-    for url in (f"file://{src}", str(src)):
-        err = refused(cfg, url, "package_url_not_allowed", local=False)
-        assert "local socket" in err.message
-    res = fetch(cfg, f"file://{src}", local=True, sha=BODY_SHA)
+    res = fetch(cfg, f"file://{src}", sha=BODY_SHA)
     assert (res.sha256, res.reused) == (BODY_SHA, False)
     src.write_bytes(OTHER)  # a local source is copied again every time
-    res = fetch(cfg, str(src), local=True)
+    res = fetch(cfg, str(src))
     assert res.path.read_bytes() == OTHER and not res.reused
 
 
 def test_local_file_errors(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
-    refused(cfg, str(tmp_path / "nope.apkg"), "package_not_found", local=True)
-    refused(cfg, "relative/x.apkg", "package_url_invalid", local=True)
+    refused(cfg, str(tmp_path / "nope.apkg"), "package_not_found")
+    refused(cfg, "relative/x.apkg", "package_url_invalid")
     big = tmp_path / "big.apkg"
     big.write_bytes(BODY)
-    refused(make_cfg(tmp_path, max_package_bytes=1000), str(big), "package_too_large", local=True)
+    refused(make_cfg(tmp_path, max_package_bytes=1000), str(big), "package_too_large")
 
 
 def test_bad_ids_are_refused(tmp_path: Path, server: Server) -> None:

@@ -1,0 +1,114 @@
+"""What an operator does to a deployed agent: stop, start, restart, remove (and purge).
+
+Each action runs under the agent's lock with the pipeline's own `start`,
+`stop` and `relaunch` steps, so an agent is started and stopped the same way
+whether a deploy, an action or reconcile does it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from par import ownership, pipeline
+from par.agent_locks import AgentLocks
+from par.agent_unit import env_file_path
+from par.deployer import Deployer
+from par.errors import NotFound, ParError
+from par.pipeline import Core
+from par.store import Deployment, Store
+from par.units import unit_name
+
+ACTIONS = ("stop", "start", "restart")
+
+
+def resolve(store: Store, ident: str) -> Deployment:
+    """A deploymentId, or an agentAppId meaning its current (else latest) deployment."""
+    d = store.find(ident)
+    if d is not None:
+        return d
+    d = store.current(ident)
+    if d is not None:
+        return d
+    latest = store.deployments(agent_app_id=ident)
+    if latest:
+        return latest[0]
+    raise NotFound(f"no deployment or agent named {ident!r}", "id")
+
+
+@dataclass(frozen=True)
+class Actions:
+    """The agent actions of the API, over the pipeline's steps."""
+
+    core: Core
+    locks: AgentLocks
+    deployer: Deployer
+
+    def act(self, ident: str, name: str) -> Deployment:
+        """stop / start / restart the agent of a (current) deployment."""
+        if name not in ACTIONS:
+            raise ParError("bad_action", f"unknown action {name!r}", "action", 400)
+        store = self.core.store
+        d = resolve(store, ident)
+        if not d.current:
+            raise ParError("not_current", f"deployment {d.deployment_id} is not the current "
+                           f"one of {d.agent_app_id}", "id", 409)
+        with self.locks.of(d.agent_app_id):
+            if name == "stop":
+                self._stop(d)
+            else:
+                self._start(d, restart=name == "restart")
+            store.add_event(d.deployment_id, d.agent_app_id, f"Agent {name}", by="api")
+        return store.get(d.deployment_id)
+
+    def _stop(self, d: Deployment) -> None:
+        store = self.core.store
+        store.update(d.deployment_id, desired_state="stopped", status="stopping")
+        pipeline.stop_deployment(self.core, d)
+        store.update(d.deployment_id, status="stopped")
+
+    def _start(self, d: Deployment, restart: bool) -> None:
+        core, store = self.core, self.core.store
+        running = core.systemd.status(unit_name(d.agent_app_id)).active_state == "active"
+        launch = None
+        if restart or not running:
+            try:
+                # Before anything is stopped: a restart that cannot start the agent
+                # again (its extracted package is gone) leaves the running one alone.
+                launch = pipeline.relaunch(core, d)
+            except ParError as exc:
+                if not running:
+                    store.fail(d.deployment_id, exc.code, exc.message, exc.field)
+                raise
+        store.update(d.deployment_id, desired_state="running", status="starting")
+        try:
+            if restart:
+                pipeline.stop_deployment(core, d)
+            if launch is not None:
+                pipeline.start(core, launch)
+        except ParError as exc:
+            store.fail(d.deployment_id, exc.code, exc.message, exc.field)
+            raise
+        store.update(d.deployment_id, status="healthy", error_code=None,
+                     error_message=None, error_field=None)
+
+    def remove(self, ident: str, purge: bool) -> dict:
+        """Stop the agent and forget the deployment; with `purge`, delete its files too.
+
+        A deploy still queued is taken out of its queue and never runs; one that is
+        running is removed once it has finished (the agent's lock waits for it)."""
+        core, store = self.core, self.core.store
+        d = resolve(store, ident)
+        agent = d.agent_app_id
+        self.deployer.cancel(d.deployment_id, agent)
+        purged: list[str] = []
+        with self.locks.of(agent):
+            d = store.get(d.deployment_id)
+            if d.current:
+                pipeline.stop_deployment(core, d)
+                env_file_path(core.cfg, agent).unlink(missing_ok=True)
+                store.clear_current(agent)
+            store.update(d.deployment_id, desired_state="removed", status="removed")
+            store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)
+            if purge:
+                purged = ownership.purge(core.cfg, store, core.venvs, core.logger, d)
+        return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged}
