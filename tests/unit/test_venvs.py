@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from par import config, layout
-from par import venvs as venvs_module
+from par import procs as procs_module
 from par.config import Installer as InstallerConfig
 from par.config import Venvs as VenvsConfig
 from par.errors import ParError
@@ -333,13 +333,13 @@ def test_validation_runs_the_venvs_python_again_only_after_a_change(
     m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
     venv = ensure(m, "alpha==1.0\n").path
     runs: list[str] = []
-    real_run = venvs_module.procs.run
+    real_run = procs_module.run
 
     def counting_run(argv, **kw):
         runs.append(str(argv[0]))
         return real_run(argv, **kw)
 
-    monkeypatch.setattr(venvs_module.procs, "run", counting_run)
+    monkeypatch.setattr(procs_module, "run", counting_run)
     python = str(venv / "bin" / "python")
     assert m.validate(venv, sha("alpha==1.0\n")) is None
     assert m.validate(venv, sha("alpha==1.0\n")) is None
