@@ -106,10 +106,14 @@ def _opt_str(raw: dict, key: str) -> str | None:
     raise _invalid(key, f"expected a string, got {_kind(value)}")
 
 
-def _version(raw: dict) -> str:
-    """Top-level `version`, else `metadata.version`; one of them is required."""
-    for key, value in (("version", raw.get("version")),
-                       ("metadata.version", (raw.get("metadata") or {}).get("version"))):
+def manifest_version(raw: dict) -> str | None:
+    """Top-level `version`, else `metadata.version`; None when neither is set.
+
+    Public so that parctl reads a package's version by the same rule as pard.
+    """
+    metadata = raw.get("metadata")
+    meta_version = metadata.get("version") if isinstance(metadata, dict) else None
+    for key, value in (("version", raw.get("version")), ("metadata.version", meta_version)):
         if value is None:
             continue
         if isinstance(value, bool) or isinstance(value, float):
@@ -120,7 +124,15 @@ def _version(raw: dict) -> str:
         if isinstance(value, str) and value.strip():
             return value.strip()
         raise _invalid(key, f"expected a non-empty string, got {_kind(value)}")
-    raise _invalid("version", "missing (set version, or metadata.version)")
+    return None
+
+
+def _version(raw: dict) -> str:
+    """`manifest_version`, which is required."""
+    version = manifest_version(raw)
+    if version is None:
+        raise _invalid("version", "missing (set version, or metadata.version)")
+    return version
 
 
 def _entry(value: object, key: str, module_alone: bool = False) -> str:
@@ -256,17 +268,24 @@ def load_manifest(root: Path, logger: logging.Logger | None = None) -> Manifest:
     except UnicodeDecodeError as exc:
         raise ParError("manifest_yaml", f"agent.yaml is not UTF-8 text: {exc.reason}",
                        MANIFEST_NAME) from exc
+    return parse_manifest(root, manifest_yaml(text), logger)
+
+
+def manifest_yaml(text: str) -> object:
+    """`agent.yaml`'s text → the raw YAML value, for `parse_manifest` to validate.
+
+    Public so that parctl reads the agent.yaml inside an .apkg as pard does.
+    """
     try:
         # libyaml's loader when Debian's python3-yaml has it (it does): same safe
         # subset, several times faster, and every deploy reads a manifest
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ParError("manifest_yaml", f"agent.yaml is not valid YAML{at}: {problem}",
                        MANIFEST_NAME) from exc
-    return parse_manifest(root, raw, logger)
 
 
 # --- .env -------------------------------------------------------------------

@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from par import __version__
-from par import cli as cli_module
-from par.cli import App, PhasePrinter, cli
+from par.cli import App, cli
+from par.cli.progress import PhasePrinter
+from par.client import Client
 from tests.unit.test_client import (
     STATUSES,
     FakePard,
@@ -438,7 +439,7 @@ def test_unexpected_error_is_one_line_without_traceback(pard: FakePard, app: App
     def boom(_self: object, **_kw: object) -> dict:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli_module.Client, "agents", boom)
+    monkeypatch.setattr(Client, "agents", boom)
     monkeypatch.delenv("PARCTL_DEBUG", raising=False)
     result = run(pard.socket_path, app, "list")
     assert result.exit_code == 1
