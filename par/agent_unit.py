@@ -144,7 +144,8 @@ def write_env_file(cfg: Config, launch: AgentLaunch) -> Path:
 
 
 def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
-    """The agent's environment: its own variables first, PAR's on top (they cannot be overridden)."""
+    """The agent's environment: its own variables first, PAR's on top (which the agent's
+    cannot override)."""
     env = dict(launch.env)
     env.update(par_environment(cfg, launch))
     return env

@@ -165,6 +165,7 @@ def parse_deploy_request(
         "env": dict(env) if body.get("env") is not None else None,
     }
     raw.update({key: value for key, value in optional.items() if value is not None})
+    package_sha256 = sha.lower() if isinstance(sha, str) else None
     return DeployRequest(
         deployment_id=deployment_id,
         agent_app_id=agent_app_id,
@@ -172,7 +173,7 @@ def parse_deploy_request(
         version=version,
         package_url=package_url,
         package_url_signed=signed,
-        package_sha256=optional["packageSha256"],
+        package_sha256=package_sha256,
         force_refresh=bool(force),
         cpu_units=cpu_units,
         memory_mb=memory_mb,

@@ -30,8 +30,8 @@ def tcp_post(pard: Pard, path: str, body: dict, token: str | None = TOKEN) -> tu
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(pard.tcp_url + path, data=json.dumps(body).encode(), headers=headers,
-                                 method="POST")
+    req = urllib.request.Request(pard.tcp_url + path, data=json.dumps(body).encode(),
+                                 headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -88,9 +88,11 @@ def test_tcp_needs_the_token_and_refuses_file_urls(pard: Pard) -> None:
     with serve_files(apkg.parent) as base:
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token=None)
         assert code == 401 and err["error"]["code"] == "unauthorized"
-        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token="wrong")
+        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"),
+                             token="wrong")
         assert code == 401
-        assert not pard.client().deployments(agent_app_id="tcp-agent")["deployments"]  # no side effect
+        # no side effect
+        assert not pard.client().deployments(agent_app_id="tcp-agent")["deployments"]
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"file://{apkg}"))
         assert code == 403 and err["error"]["field"] == "packageUrl"
         b = body("tcp-agent", f"{base}/{apkg.name}")
@@ -186,7 +188,8 @@ def test_bad_version_over_a_healthy_one_leaves_the_old_one_serving(pard: Pard) -
 def test_restart_of_pard_keeps_agents_running(pard: Pard) -> None:
     ids = ["keep-a", "keep-b", "keep-c"]
     for agent in ids:
-        assert pard.deploy(agent, apkg_with(pard.root / "apkg", agents.probe(agent)))["status"] == "healthy"
+        d = pard.deploy(agent, apkg_with(pard.root / "apkg", agents.probe(agent)))
+        assert d["status"] == "healthy", d
     pids = {a: unit_pid(a) for a in ids}
     pard.restart()
     assert pard.client().daemon_health()["ok"] is True

@@ -38,9 +38,11 @@ def test_non_string_id_is_refused() -> None:
 
 def launch(tmp_path: Path, **kw) -> agent_unit.AgentLaunch:
     base = dict(agent_id="hello", deployment_id="d-1", org_id="org", name="hello", version="1.0.0",
-                package_root=tmp_path / "extracted/hello@1.0.0", venv_path=tmp_path / "venvs/hello_abc1234",
+                package_root=tmp_path / "extracted/hello@1.0.0",
+                venv_path=tmp_path / "venvs/hello_abc1234",
                 ports={"rest": 8100, "a2a": 50100, "ui": 3100}, entrypoint="main:handler",
-                rest_entry=None, a2a_service=None, ui_path=None, env={"FOO": "bar", "REST_PORT": "1"})
+                rest_entry=None, a2a_service=None, ui_path=None,
+                env={"FOO": "bar", "REST_PORT": "1"})
     base.update(kw)
     return agent_unit.AgentLaunch(**base)
 
@@ -163,7 +165,8 @@ def test_ports_allocation_avoids_taken_and_busy() -> None:
 
 def test_ports_inherit_and_exhaustion() -> None:
     cfg = Ports(rest=[20400, 20400], a2a=[20500, 20501], ui=[20600, 20601])
-    got = ports.allocate(cfg, requested={}, taken=set(), inherit={"rest": 20400, "a2a": 20501, "ui": 20600})
+    got = ports.allocate(cfg, requested={}, taken=set(),
+                         inherit={"rest": 20400, "a2a": 20501, "ui": 20600})
     assert got == {"rest": 20400, "a2a": 20501, "ui": 20600}
     with pytest.raises(ParError) as exc:
         ports.allocate(cfg, requested={}, taken={20400})
