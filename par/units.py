@@ -1,7 +1,7 @@
 """Every call PAR makes to systemd, through pystemd (Debian's 0.11).
 
 Agents run as transient units `par-agent@<agentAppId>.service`.  This module
-turns a `UnitSpec` into D-Bus properties, starts, stops, restarts and inspects
+turns a `UnitSpec` into D-Bus properties, starts, stops and inspects
 units, lists them, and sums the resources of a unit's processes.  Nothing
 else in PAR imports pystemd.
 
@@ -55,9 +55,6 @@ EXTRA_SIGNATURES: dict[bytes, bytes] = {
     b"SystemCallErrorNumber": b"i",
 }
 SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
-
-ACTIVE_STATES_FINAL = ("active", "failed", "inactive")
-
 
 def unit_name(agent_id: str) -> str:
     """`par-agent@<agent_id>.service`, after validating the id (no injection)."""
@@ -404,11 +401,6 @@ class Systemd:
             return self.status(name)
         return self.wait_inactive(name, wait_s)
 
-    def restart(self, name: str) -> None:
-        """Restart a loaded unit (its properties are kept by systemd)."""
-        with self._bus() as bus:
-            _manager_call(bus, b"RestartUnit", b"ss", [name.encode(), b"replace"])
-
     def reset_failed(self, name: str) -> None:
         """Forget a failed unit's state so its name can be started again."""
         try:
@@ -466,12 +458,6 @@ class Systemd:
         with DBus() as bus:
             unit = Unit(name.encode(), bus=bus, _autoload=True)
             return getattr(getattr(unit, interface), prop)
-
-    def resources(self, name: str) -> Resources:
-        """RSS and CPU time of all processes in the unit's cgroup (psutil)."""
-        with DBus() as bus:
-            st = _read_status(bus, name)
-            return _resources(_cgroup_pids(bus, name, st.main_pid))
 
 
 # The longest a wait sleeps without a signal from systemd before reading the unit again.
