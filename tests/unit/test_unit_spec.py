@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from par import agent_unit, ids, ports
+from par.agent_host.par_agent_host import exitcodes
 from par.config import Config, Ports, with_state_dir
 from par.errors import ParError
 from par.host_files import HOST_SOURCE, host_digest, host_dir, install_host
@@ -63,7 +64,9 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert props[b"CPUQuotaPerSecUSec"] == 500_000  # 512 units = half a CPU
     assert props[b"DynamicUser"] is True and props[b"User"] == "par-hello"
     assert props[b"StateDirectory"] == ["par-agent/hello"]
-    assert props[b"RestartPreventExitStatus"] == ([2, 3, 4], [])
+    # the host's permanent failures, by the host's own numbers
+    assert props[b"RestartPreventExitStatus"] == (list(exitcodes.PERMANENT), [])
+    assert exitcodes.EXIT_SURFACE_FAILED not in exitcodes.PERMANENT  # that one may retry
     assert props[b"ExecStart"][0][1][-2:] == ["-m", "par_agent_host"]
     assert b"PAR_AGENT_APP_ID=hello" in props[b"LogExtraFields"]
     env = dict(e.split("=", 1) for e in props[b"Environment"])
