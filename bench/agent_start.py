@@ -21,8 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import (BenchPard, Row, Section, Sizes, Stats, ratio, start_to_ready,
-                          write_agent)
+from bench.common import BenchPard, Row, Section, Sizes, Stats, ratio, start_to_ready, write_agent
 from par.venvs import linked_layer
 
 

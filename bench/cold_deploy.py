@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.baseline import LegacyRuntime
-from bench.common import (BenchPard, Row, Section, Sizes, Stats, ratio, start_to_ready,
-                          write_agent)
+from bench.common import BenchPard, Row, Section, Sizes, Stats, ratio, start_to_ready, write_agent
 
 TARGET_RATIO = 15.0
 

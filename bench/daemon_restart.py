@@ -14,8 +14,16 @@ from __future__ import annotations
 import threading
 import time
 
-from bench.common import (BenchPard, Row, Section, Sizes, Stats, agent_main_pids, systemctl,
-                          unit_props)
+from bench.common import (
+    BenchPard,
+    Row,
+    Section,
+    Sizes,
+    Stats,
+    agent_main_pids,
+    systemctl,
+    unit_props,
+)
 from par.client import Client
 from par.errors import ParError
 

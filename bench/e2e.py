@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import agent_start, cold_deploy, daemon_restart, density, disk, warm_redeploy
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = Sizes.tiny() if args.smoke else Sizes.full(args.runs)
     started, load = time.monotonic(), os.getloadavg()[0]
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     work = BENCH_ROOT / f"work-{uuid.uuid4().hex[:8]}"
     try:
         sections, pip = run_all(sizes, work, show=lambda text: print(text, flush=True))

@@ -97,7 +97,8 @@ def text_table(rows: list[Row]) -> str:
     out = []
     for line in table:
         first = line[0] if len(line[0]) <= 70 else line[0][:67] + "..."
-        cells = [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        rest = zip(line[1:], widths[1:], strict=True)  # every row has one cell per header
+        cells = [first.ljust(widths[0])] + [c.rjust(w) for c, w in rest]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
 

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from bench.baseline import LegacyRuntime
-from bench.common import (HELLO_AGENT, BenchPard, Row, Section, Sizes, Stats, ratio,
-                          start_to_ready)
+from bench.common import HELLO_AGENT, BenchPard, Row, Section, Sizes, Stats, ratio, start_to_ready
 
 TARGET_S = 0.2
 STOPPED_EVENT = "Stopped previous deployment"

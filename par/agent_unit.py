@@ -21,20 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from par import layout
+from par.agent_host.par_agent_host import exitcodes
 from par.config import Config
 from par.fsutil import write_if_changed
 from par.host_files import HOST_SOURCE
 from par.units import UnitSpec, unit_name
 
 SPEC_FILENAME = "par-agent.json"
-# The host's permanent failures (see par_agent_host/exitcodes.py): restarting
-# cannot fix them, so systemd must not burn the start limit on them.
-HOST_PERMANENT_EXIT = (2, 3, 4)
+# The host's permanent failures: restarting cannot fix them, so systemd must not
+# burn the start limit on them.  (The host's own module: it imports nothing of PAR.)
+HOST_PERMANENT_EXIT = exitcodes.PERMANENT
 EXIT_MEANING = {
-    2: "the agent spec or environment is malformed",
-    3: "the agent's code failed to import",
-    4: "an entry point names nothing callable, or the UI folder has no index.html",
-    5: "a surface could not listen or never answered",
+    exitcodes.EXIT_BAD_SPEC: "the agent spec or environment is malformed",
+    exitcodes.EXIT_IMPORT_ERROR: "the agent's code failed to import",
+    exitcodes.EXIT_BAD_ENTRY:
+        "an entry point names nothing callable, or the UI folder has no index.html",
+    exitcodes.EXIT_SURFACE_FAILED: "a surface could not listen or never answered",
     # systemd's own exit statuses (set up before the agent's code runs)
     200: "systemd could not change to the working directory",
     203: "systemd could not execute the venv's python",
@@ -138,7 +140,8 @@ def write_env_file(cfg: Config, launch: AgentLaunch) -> Path:
 
 
 def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
-    """The agent's environment: its own variables first, PAR's on top (they cannot be overridden)."""
+    """The agent's environment: its own variables first, PAR's on top (which the agent's
+    cannot override)."""
     env = dict(launch.env)
     env.update(par_environment(cfg, launch))
     return env

@@ -38,16 +38,24 @@ def setting(default: object = dataclasses.MISSING, doc: str = "", *, factory=Non
 
 @dataclass(frozen=True)
 class Paths:
-    state_dir: Path = setting(Path("/var/lib/pixell-runtime"), "Agents' packages, extracted files, venvs and the store live below this.")
-    cache_dir: Path = setting(Path("/var/cache/pixell-runtime"), "Shared pip/uv caches; keep it on the same filesystem as state_dir (hardlinks).")
+    state_dir: Path = setting(
+        Path("/var/lib/pixell-runtime"),
+        "Agents' packages, extracted files, venvs and the store live below this.")
+    cache_dir: Path = setting(
+        Path("/var/cache/pixell-runtime"),
+        "Shared pip/uv caches; keep it on the same filesystem as state_dir (hardlinks).")
     # every path below these two roots is named by par.layout
 
 
 @dataclass(frozen=True)
 class Listen:
-    socket: Path = setting(Path("/run/par/par.sock"), "The local API socket (root only); parctl talks to it.")
-    tcp: str | None = setting(None, "Optional TCP address \"HOST:PORT\" for a control plane; null = no TCP listener.")
-    token_file: Path = setting(Path("/etc/par/token"), "File holding the bearer token TCP clients must send; required when tcp is set.")
+    socket: Path = setting(Path("/run/par/par.sock"),
+                           "The local API socket (root only); parctl talks to it.")
+    tcp: str | None = setting(
+        None, "Optional TCP address \"HOST:PORT\" for a control plane; null = no TCP listener.")
+    token_file: Path = setting(
+        Path("/etc/par/token"),
+        "File holding the bearer token TCP clients must send; required when tcp is set.")
     max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes.")
 
 
@@ -59,44 +67,59 @@ class Installer:
     index_url: str | None = setting(None, "Package index; null = pip's/uv's default.")
     extra_index_urls: list[str] = setting(factory=list, doc="Extra package indexes.")
     find_links: list[str] = setting(factory=list, doc="Local wheelhouses or find-links pages.")
-    offline: bool = setting(False, "Never touch the network: install only from the cache and find_links.")
+    offline: bool = setting(
+        False, "Never touch the network: install only from the cache and find_links.")
     timeout_s: int = setting(300, "Seconds before a dependency install is killed.")
-    allow_index_options: bool = setting(False, "Allow --index-url/--extra-index-url/--find-links/--trusted-host inside requirements.txt.")
-    compile_bytecode: bool = setting(True, "Compile bytecode at build time (agents run with a read-only venv).")
+    allow_index_options: bool = setting(
+        False, "Allow --index-url/--extra-index-url/--find-links/--trusted-host "
+               "inside requirements.txt.")
+    compile_bytecode: bool = setting(
+        True, "Compile bytecode at build time (agents run with a read-only venv).")
 
 
 @dataclass(frozen=True)
 class Limits:
     max_package_bytes: int = setting(100 * 1024 * 1024, "Largest package download, in bytes.")
     max_entries: int = setting(10_000, "Most entries in one package archive.")
-    max_unpacked_bytes: int = setting(500 * 1024 * 1024, "Largest total uncompressed size of one package, in bytes.")
-    max_ratio: int = setting(200, "Largest compression ratio of one archive entry (uncompressed / compressed).")
-    download_connect_timeout_s: float = setting(10.0, "Seconds to wait for a package server to accept the connection.")
+    max_unpacked_bytes: int = setting(
+        500 * 1024 * 1024, "Largest total uncompressed size of one package, in bytes.")
+    max_ratio: int = setting(
+        200, "Largest compression ratio of one archive entry (uncompressed / compressed).")
+    download_connect_timeout_s: float = setting(
+        10.0, "Seconds to wait for a package server to accept the connection.")
     download_timeout_s: float = setting(300.0, "Seconds a whole package download may take.")
 
 
 @dataclass(frozen=True)
 class Ports:
     bind_address: str = setting("127.0.0.1", "Address agents' surfaces listen on.")
-    rest: list[int] = setting(factory=lambda: [8100, 8999], doc="Inclusive range REST ports are allocated from.")
-    a2a: list[int] = setting(factory=lambda: [50100, 50999], doc="Inclusive range A2A (gRPC) ports are allocated from.")
-    ui: list[int] = setting(factory=lambda: [3100, 3999], doc="Inclusive range UI ports are allocated from.")
+    rest: list[int] = setting(factory=lambda: [8100, 8999],
+                              doc="Inclusive range REST ports are allocated from.")
+    a2a: list[int] = setting(factory=lambda: [50100, 50999],
+                             doc="Inclusive range A2A (gRPC) ports are allocated from.")
+    ui: list[int] = setting(factory=lambda: [3100, 3999],
+                            doc="Inclusive range UI ports are allocated from.")
 
 
 @dataclass(frozen=True)
 class Agents:
     boot_timeout_s: int = setting(120, "Seconds an agent may take from start to READY.")
-    stop_timeout_s: int = setting(30, "Seconds between SIGTERM and SIGKILL when an agent stops (per-deploy override).")
+    stop_timeout_s: int = setting(
+        30, "Seconds between SIGTERM and SIGKILL when an agent stops (per-deploy override).")
     restart_sec: float = setting(1.0, "Seconds systemd waits before restarting a crashed agent.")
-    start_limit_burst: int = setting(5, "Starts allowed within start_limit_interval_s before the unit stays failed.")
+    start_limit_burst: int = setting(
+        5, "Starts allowed within start_limit_interval_s before the unit stays failed.")
     start_limit_interval_s: int = setting(60, "Window, in seconds, for start_limit_burst.")
 
 
 @dataclass(frozen=True)
 class Venvs:
-    max_venvs: int = setting(100, "Most venvs kept; least recently used unused ones are evicted beyond it.")
-    max_bytes: int = setting(20 * 1024**3, "Most bytes all venvs may use (hardlinked files counted once).")
-    min_free_bytes: int = setting(1024**3, "Free disk space to keep on the venvs' filesystem, in bytes.")
+    max_venvs: int = setting(
+        100, "Most venvs kept; least recently used unused ones are evicted beyond it.")
+    max_bytes: int = setting(
+        20 * 1024**3, "Most bytes all venvs may use (hardlinked files counted once).")
+    min_free_bytes: int = setting(
+        1024**3, "Free disk space to keep on the venvs' filesystem, in bytes.")
 
 
 @dataclass(frozen=True)
@@ -145,7 +168,7 @@ def _convert(value: object, tp: object, key: str) -> object:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _section(value, tp, key)
     ok = {
         bool: lambda v: isinstance(v, bool),
@@ -254,7 +277,8 @@ def _yaml_value(value: object) -> str:
 
 
 def render_yaml(cfg: Config | None = None) -> str:
-    """The configuration as commented YAML (the shipped etc/par/par.yaml is this for the defaults)."""
+    """The configuration as commented YAML (the shipped etc/par/par.yaml is this for the
+    defaults)."""
     cfg = cfg or Config()
     out = [
         "# PAR configuration (/etc/par/par.yaml). Every key is optional; shown are the defaults.",

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 from par import ids
 from par.errors import ParError
 
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 PORT_NAMES = ("rest", "a2a", "ui")
 PORT_RANGE = (1024, 65535)
 CPU_UNITS_RANGE = (1, 65536)
@@ -137,7 +135,7 @@ def parse_deploy_request(
     version = ids.version(_required(body, "version"))
     package_url, signed = _package_url(_required(body, "packageUrl"), local)
     sha = _optional(body, "packageSha256")
-    if sha is not None and not (isinstance(sha, str) and SHA256_RE.fullmatch(sha)):
+    if sha is not None and not (isinstance(sha, str) and ids.SHA256_RE.fullmatch(sha.lower())):
         raise _invalid("packageSha256", "packageSha256 must be 64 hexadecimal characters")
     force = _optional(body, "forceRefresh")
     if force is not None and not isinstance(force, bool):
@@ -165,6 +163,7 @@ def parse_deploy_request(
         "env": dict(env) if body.get("env") is not None else None,
     }
     raw.update({key: value for key, value in optional.items() if value is not None})
+    package_sha256 = sha.lower() if isinstance(sha, str) else None
     return DeployRequest(
         deployment_id=deployment_id,
         agent_app_id=agent_app_id,
@@ -172,7 +171,7 @@ def parse_deploy_request(
         version=version,
         package_url=package_url,
         package_url_signed=signed,
-        package_sha256=optional["packageSha256"],
+        package_sha256=package_sha256,
         force_refresh=bool(force),
         cpu_units=cpu_units,
         memory_mb=memory_mb,

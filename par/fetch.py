@@ -26,7 +26,6 @@ import http.client
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import urllib.parse
@@ -46,7 +45,6 @@ from par.log import event
 
 ATTEMPTS = 3
 _CHUNK = 64 * 1024
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FIELD_URL = "packageUrl"
 _FIELD_SHA = "packageSha256"
 
@@ -157,7 +155,7 @@ def _local_source(url: str) -> Path | None:
 def _check_sha(sha256: str | None) -> str | None:
     if sha256 is None:
         return None
-    if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256.lower()):
+    if not isinstance(sha256, str) or not ids.SHA256_RE.fullmatch(sha256.lower()):
         raise ParError("package_sha_invalid",
                        "packageSha256: expected 64 hexadecimal digits", _FIELD_SHA)
     return sha256.lower()

@@ -20,6 +20,9 @@ DEPLOYMENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # An environment variable name an agent may be given (request env, manifest, parctl -e).
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A SHA-256 hex digest as PAR writes it (hashlib's hexdigest: lower case).  Where a
+# person or a control plane may send upper case, match `value.lower()`.
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _check(value: object, pattern: re.Pattern[str], field: str, what: str) -> str:

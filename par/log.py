@@ -47,7 +47,7 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
 class Timer:
     """Measures elapsed seconds: `with Timer() as t: ...; t.seconds`."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.monotonic()
         self.seconds = 0.0
         return self

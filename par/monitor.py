@@ -175,7 +175,8 @@ class UnitMonitor:
             text = journal.lines(st.name, since=seen.at - 1)
             exits = journal.main_exits(text)[-(crashes - seen.crashes):]
             tail = journal.meaningful_tail(text)
-            for ended in exits or [None]:
+            ends: list[journal.MainExit | None] = [*exits] or [None]
+            for ended in ends:
                 reason = describe_exit(ended, st)
                 self.store.add_event(did, agent, "Agent crashed",
                                      message=f"{reason}: {tail}" if tail else reason,

@@ -57,14 +57,18 @@ def allocate(
             port = requested[kind]
             own = inherit.get(kind) == port
             if port in taken_set or port in out.values():
-                raise ParError("port_in_use", f"port {port} is already used by another agent", field, 409)
+                raise ParError("port_in_use", f"port {port} is already used by another agent",
+                               field, 409)
             if not own and not port_is_free(cfg.bind_address, port):
-                raise ParError("port_in_use", f"port {port} is in use on {cfg.bind_address}", field, 409)
+                raise ParError("port_in_use", f"port {port} is in use on {cfg.bind_address}",
+                               field, 409)
             out[kind] = port
-        elif kind in inherit and inherit[kind] not in taken_set and inherit[kind] not in out.values():
+        elif (kind in inherit and inherit[kind] not in taken_set
+              and inherit[kind] not in out.values()):
             out[kind] = inherit[kind]
         else:
-            out[kind] = _first_free(cfg, kind, taken_set | set(out.values()) | set(inherit.values()))
+            avoid = taken_set | set(out.values()) | set(inherit.values())
+            out[kind] = _first_free(cfg, kind, avoid)
     return out
 
 
@@ -73,6 +77,6 @@ def _first_free(cfg: Ports, kind: str, avoid: set[int]) -> int:
     for port in range(low, high + 1):
         if port not in avoid and port_is_free(cfg.bind_address, port):
             return port
-    raise ParError(
-        "ports_exhausted", f"no free {kind} port left in {low}-{high} (ports.{kind} in par.yaml)", None, 503
-    )
+    raise ParError("ports_exhausted",
+                   f"no free {kind} port left in {low}-{high} (ports.{kind} in par.yaml)",
+                   None, 503)

@@ -9,15 +9,12 @@ once with "database is locked" instead of waiting for the busy timeout.
 Every status change writes its event in the same transaction, so after a
 kill -9 at any moment a deployment's row and its history agree.
 
-The schema version lives in `PRAGMA user_version`; `MIGRATIONS[i]` brings a
-store from version `i` to `i + 1`, each in one transaction.  A store newer than
-this code, a corrupted file or a file locked by another writer is refused with
-a `ParError`, and the file is left as it was.
+The record is par.deployment's `Deployment`; the schema, its migrations and the
+checks made on opening are in par.store_schema.  Both are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sqlite3
@@ -25,227 +22,40 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from par.deployment import DESIRED_STATES, IN_FLIGHT, REDACTED, STATUSES, Deployment
 from par.errors import NotFound, ParError
-
-STATUSES = (
-    "pending", "downloading", "loading", "starting", "healthy",
-    "failed", "stopping", "stopped", "removed",
+from par.store_schema import (
+    FIELD_NAMES,
+    MIGRATIONS,
+    SELECT,
+    column,
+    dumps,
+    encode,
+    from_row,
+    prepare,
+    raise_translated,
 )
-# A deploy or stop is under way: reconcile finishes or fails these after a restart.
-IN_FLIGHT = ("pending", "downloading", "loading", "starting", "stopping")
-DESIRED_STATES = ("running", "stopped", "removed")
-REDACTED = "***"
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT_MS",
+    "DESIRED_STATES",
+    "IN_FLIGHT",
+    "MIGRATIONS",
+    "REDACTED",
+    "STATUSES",
+    "Deployment",
+    "Store",
+]
+
 DEFAULT_BUSY_TIMEOUT_MS = 5000
-
-# Version 1.  A migration is history: never edit it, append a new one.
-_V1 = (
-    """CREATE TABLE deployments (
-        deployment_id  TEXT PRIMARY KEY NOT NULL,
-        agent_app_id   TEXT NOT NULL,
-        org_id         TEXT NOT NULL DEFAULT '',
-        version        TEXT NOT NULL,
-        package_url    TEXT NOT NULL,
-        package_sha256 TEXT,
-        request_json   TEXT NOT NULL DEFAULT '{}',
-        env_json       TEXT NOT NULL DEFAULT '{}',
-        status         TEXT NOT NULL CHECK (status IN ('pending', 'downloading', 'loading',
-                           'starting', 'healthy', 'failed', 'stopping', 'stopped', 'removed')),
-        desired_state  TEXT NOT NULL DEFAULT 'running'
-                           CHECK (desired_state IN ('running', 'stopped', 'removed')),
-        current        INTEGER NOT NULL DEFAULT 0 CHECK (current IN (0, 1)),
-        error_code     TEXT,
-        error_message  TEXT,
-        error_field    TEXT,
-        unit           TEXT,
-        venv           TEXT,
-        venv_reused    INTEGER NOT NULL DEFAULT 0 CHECK (venv_reused IN (0, 1)),
-        ports_json     TEXT NOT NULL DEFAULT '{}',
-        phases_json    TEXT NOT NULL DEFAULT '{}',
-        created_at     REAL NOT NULL,
-        updated_at     REAL NOT NULL
-    )""",
-    # At most one current deployment per agent, whatever the code above does.
-    "CREATE UNIQUE INDEX deployments_one_current ON deployments (agent_app_id) WHERE current = 1",
-    "CREATE INDEX deployments_agent_created ON deployments (agent_app_id, created_at)",
-    "CREATE INDEX deployments_status ON deployments (status)",
-    """CREATE TABLE events (
-        id            INTEGER PRIMARY KEY AUTOINCREMENT,
-        deployment_id TEXT REFERENCES deployments (deployment_id) ON DELETE CASCADE,
-        agent_app_id  TEXT,
-        ts            REAL NOT NULL,
-        event         TEXT NOT NULL,
-        message       TEXT NOT NULL DEFAULT '',
-        fields_json   TEXT NOT NULL DEFAULT '{}'
-    )""",
-    "CREATE INDEX events_deployment ON events (deployment_id, id)",
-)
-# Version 2: the SHA-256 of the package bytes a deployment runs (par.layout names its
-# files by it); NULL for deployments made before, which use the flat layout.
-_V2 = ("ALTER TABLE deployments ADD COLUMN package_digest TEXT",)
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
-
-# Deployment fields stored as JSON text, and the column each lives in.
-_JSON_COLUMNS = {"request": "request_json", "env": "env_json",
-                 "ports": "ports_json", "phases": "phases_json"}
-_BOOL_FIELDS = ("current", "venv_reused")
 # Fields `update` may change; identity, timestamps and `current` have their own methods.
 _FROZEN_FIELDS = ("deployment_id", "agent_app_id", "request", "env", "current",
                   "created_at", "updated_at")
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One deployment as stored: a row of `deployments` with Python names.
-
-    `request` is the deploy request as sent with its env values replaced by
-    "***"; `env` holds the real values (the daemon needs them to re-create the
-    unit after a reboot) and is never part of `to_api()`.  A request passed
-    with real env values and an empty `env` is split accordingly.
-    """
-
-    deployment_id: str
-    agent_app_id: str
-    version: str
-    package_url: str
-    org_id: str = ""
-    package_sha256: str | None = None  # as requested (packageSha256)
-    request: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    status: str = "pending"
-    desired_state: str = "running"
-    current: bool = False
-    error_code: str | None = None
-    error_message: str | None = None
-    error_field: str | None = None
-    unit: str | None = None
-    venv: str | None = None
-    venv_reused: bool = False
-    ports: dict[str, int] = field(default_factory=dict)
-    phases: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    package_digest: str | None = None  # SHA-256 of the package bytes fetched
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown status {self.status!r}")
-        if self.desired_state not in DESIRED_STATES:
-            raise ValueError(f"unknown desired_state {self.desired_state!r}")
-        # Copies: the caller's dicts may change later, a frozen record must not.
-        request = copy.deepcopy(dict(self.request))
-        env = dict(self.env)
-        sent = request.get("env")
-        if not env and isinstance(sent, dict):
-            env = {str(k): v for k, v in sent.items()}
-        if "env" in request or env:
-            request["env"] = {k: REDACTED for k in env}
-        object.__setattr__(self, "request", request)
-        object.__setattr__(self, "env", env)
-        object.__setattr__(self, "ports", dict(self.ports))
-        object.__setattr__(self, "phases", copy.deepcopy(dict(self.phases)))
-
-    @property
-    def error(self) -> dict[str, str | None] | None:
-        """`{code, message, field}` when the deployment failed, else None."""
-        if self.error_code is None:
-            return None
-        return {"code": self.error_code, "message": self.error_message or "",
-                "field": self.error_field}
-
-    def full_request(self) -> dict[str, Any]:
-        """The request as sent, real env values included (never return it to a caller)."""
-        request = copy.deepcopy(self.request)
-        if "env" in request:
-            request["env"] = dict(self.env)
-        return request
-
-    def to_api(self) -> dict[str, Any]:
-        """The deployment record of docs/api.md (camelCase; env values redacted)."""
-        return {
-            "deploymentId": self.deployment_id,
-            "agentAppId": self.agent_app_id,
-            "orgId": self.org_id,
-            "version": self.version,
-            "status": self.status,
-            "current": self.current,
-            "desiredState": self.desired_state,
-            "error": self.error,
-            "unit": self.unit,
-            "venv": self.venv,
-            "venvReused": self.venv_reused,
-            "packageDigest": self.package_digest,
-            "ports": dict(self.ports),
-            "phases": copy.deepcopy(self.phases),
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-            "request": copy.deepcopy(self.request),
-        }
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(Deployment))
-_UPDATABLE = frozenset(_FIELD_NAMES) - frozenset(_FROZEN_FIELDS)
-
-
-def _column(name: str) -> str:
-    return _JSON_COLUMNS.get(name, name)
-
-
-_SELECT = f"SELECT {', '.join(_column(n) for n in _FIELD_NAMES)} FROM deployments"
-
-
-def _encode(name: str, value: object) -> object:
-    if name in _JSON_COLUMNS:
-        return _dumps(value)
-    if name in _BOOL_FIELDS:
-        return int(bool(value))
-    return value
-
-
-def _from_row(row: sqlite3.Row) -> Deployment:
-    values: dict[str, Any] = {}
-    for name in _FIELD_NAMES:
-        raw = row[_column(name)]
-        if name in _JSON_COLUMNS:
-            values[name] = json.loads(raw)
-        elif name in _BOOL_FIELDS:
-            values[name] = bool(raw)
-        else:
-            values[name] = raw
-    return Deployment(**values)
-
-
-def _translate(exc: sqlite3.Error, path: Path) -> ParError | None:
-    """The ParError for an SQLite failure a person can act on, or None (a bug)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return ParError("store_locked",
-                        f"the store {path} is locked by another process ({exc}); "
-                        "is another pard running?", None, 503)
-    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-        return ParError("store_corrupt",
-                        f"the store {path} is corrupted ({exc}); it was left untouched: "
-                        "restore it from a backup or move it aside", None, 500)
-    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
-                   sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
-        return ParError("store_unavailable", f"cannot use the store {path}: {exc}", None, 503)
-    return None
-
-
-def _raise_translated(exc: sqlite3.Error, path: Path) -> NoReturn:
-    """Raise `exc` as a ParError when it is one a person can act on, else unchanged (a bug)."""
-    known = _translate(exc, path)
-    if known is None:
-        raise exc
-    raise known from exc
+_UPDATABLE = frozenset(FIELD_NAMES) - frozenset(_FROZEN_FIELDS)
 
 
 class Store:
@@ -291,10 +101,10 @@ class Store:
             conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            _raise_translated(exc, path)
+            raise_translated(exc, path)
         try:
             conn.row_factory = sqlite3.Row
-            _prepare(conn, path, migrations)
+            prepare(conn, path, migrations)
         except BaseException:
             conn.close()
             raise
@@ -337,7 +147,7 @@ class Store:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                _raise_translated(exc, self.path)
+                raise_translated(exc, self.path)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -347,7 +157,7 @@ class Store:
             try:
                 yield conn
             except sqlite3.Error as exc:
-                _raise_translated(exc, self.path)
+                raise_translated(exc, self.path)
 
     def _event(self, conn: sqlite3.Connection, deployment_id: str | None,
                agent_app_id: str | None, ts: float, event: str, message: str,
@@ -355,13 +165,13 @@ class Store:
         conn.execute(
             "INSERT INTO events (deployment_id, agent_app_id, ts, event, message, fields_json)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (deployment_id, agent_app_id, ts, event, message, _dumps(fields)),
+            (deployment_id, agent_app_id, ts, event, message, dumps(fields)),
         )
 
     @staticmethod
     def _find(conn: sqlite3.Connection, deployment_id: str) -> Deployment | None:
-        row = conn.execute(f"{_SELECT} WHERE deployment_id = ?", (deployment_id,)).fetchone()
-        return _from_row(row) if row else None
+        row = conn.execute(f"{SELECT} WHERE deployment_id = ?", (deployment_id,)).fetchone()
+        return from_row(row) if row else None
 
     @classmethod
     def _get(cls, conn: sqlite3.Connection, deployment_id: str) -> Deployment:
@@ -373,8 +183,8 @@ class Store:
     @staticmethod
     def _save(conn: sqlite3.Connection, d: Deployment, names: Sequence[str]) -> None:
         """Write the fields `names` of `d` to its row."""
-        sets = ", ".join(f"{_column(n)} = ?" for n in names)
-        values = [_encode(n, getattr(d, n)) for n in names]
+        sets = ", ".join(f"{column(n)} = ?" for n in names)
+        values = [encode(n, getattr(d, n)) for n in names]
         conn.execute(f"UPDATE deployments SET {sets} WHERE deployment_id = ?",
                      (*values, d.deployment_id))
 
@@ -394,10 +204,10 @@ class Store:
                 return existing, False
             now = self._clock()
             d = replace(d, created_at=now, updated_at=now)
-            columns = ", ".join(_column(n) for n in _FIELD_NAMES)
-            marks = ", ".join("?" for _ in _FIELD_NAMES)
+            columns = ", ".join(column(n) for n in FIELD_NAMES)
+            marks = ", ".join("?" for _ in FIELD_NAMES)
             conn.execute(f"INSERT INTO deployments ({columns}) VALUES ({marks})",
-                         [_encode(n, getattr(d, n)) for n in _FIELD_NAMES])
+                         [encode(n, getattr(d, n)) for n in FIELD_NAMES])
             self._event(conn, d.deployment_id, d.agent_app_id, now, "accepted",
                         f"deployment of {d.agent_app_id} {d.version} accepted",
                         {"status": d.status})
@@ -417,7 +227,7 @@ class Store:
                 try:
                     current = self._get(self._connection(), deployment_id)
                 except sqlite3.Error as exc:
-                    _raise_translated(exc, self.path)
+                    raise_translated(exc, self.path)
                 remaining = deadline - time.monotonic()
                 if current.updated_at != since or remaining <= 0:
                     return current
@@ -441,9 +251,9 @@ class Store:
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         with self._read() as conn:
             rows = conn.execute(
-                f"{_SELECT}{clause} ORDER BY created_at DESC, rowid DESC", params
+                f"{SELECT}{clause} ORDER BY created_at DESC, rowid DESC", params
             ).fetchall()
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     def update(self, deployment_id: str, /, **changes: Any) -> Deployment:
         """Change fields of a deployment (Python names), set updated_at; return the new record.
@@ -552,9 +362,9 @@ class Store:
 
     @staticmethod
     def _current(conn: sqlite3.Connection, agent_app_id: str) -> Deployment | None:
-        row = conn.execute(f"{_SELECT} WHERE agent_app_id = ? AND current = 1",
+        row = conn.execute(f"{SELECT} WHERE agent_app_id = ? AND current = 1",
                            (agent_app_id,)).fetchone()
-        return _from_row(row) if row else None
+        return from_row(row) if row else None
 
     def current(self, agent_app_id: str) -> Deployment | None:
         """The agent's current (serving) deployment, or None."""
@@ -564,27 +374,27 @@ class Store:
     def currents(self) -> list[Deployment]:
         """Every agent's current deployment, by agent id (what reconcile keeps running)."""
         with self._read() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE current = 1 ORDER BY agent_app_id").fetchall()
-        return [_from_row(r) for r in rows]
+            rows = conn.execute(f"{SELECT} WHERE current = 1 ORDER BY agent_app_id").fetchall()
+        return [from_row(r) for r in rows]
 
     def latest_per_agent(self) -> list[Deployment]:
         """Each agent's newest deployment that was not removed, by agent id."""
         with self._read() as conn:
             rows = conn.execute(
-                f"{_SELECT} WHERE rowid IN (SELECT rowid FROM deployments d WHERE status != "
+                f"{SELECT} WHERE rowid IN (SELECT rowid FROM deployments d WHERE status != "
                 "'removed' AND NOT EXISTS (SELECT 1 FROM deployments n WHERE n.agent_app_id = "
                 "d.agent_app_id AND n.status != 'removed' AND (n.created_at > d.created_at OR "
                 "(n.created_at = d.created_at AND n.rowid > d.rowid)))) ORDER BY agent_app_id"
             ).fetchall()
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     def in_flight(self) -> list[Deployment]:
         """Deployments in pending/downloading/loading/starting/stopping, oldest first."""
         marks = ", ".join("?" for _ in IN_FLIGHT)
         with self._read() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE status IN ({marks})"
+            rows = conn.execute(f"{SELECT} WHERE status IN ({marks})"
                                 " ORDER BY created_at, rowid", IN_FLIGHT).fetchall()
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     def counts_by_status(self) -> dict[str, int]:
         """Count by status of the deployments that matter now, every status present (0 too).
@@ -644,68 +454,3 @@ def _ended(phase: dict[str, float | None], now: float) -> dict[str, float | None
     # Wall-clock time can step back; a negative duration helps no one.
     seconds = round(max(0.0, now - start), 3) if start is not None else None
     return {**phase, "end": now, "seconds": seconds}
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _prepare(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
-    """Check the file, then set the connection up and migrate.
-
-    The checks only read: a corrupted or too-new file is refused before
-    anything (journal mode, schema) is written to it.
-    """
-    try:
-        version = _user_version(conn)  # the first read: "not a database" shows here
-        if version > len(migrations):
-            raise ParError("store_too_new",
-                           f"the store {path} has schema version {version}, newer than this "
-                           f"pard knows ({len(migrations)}): upgrade PAR", None, 500)
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
-        if problems != ["ok"]:
-            raise ParError("store_corrupt",
-                           f"the store {path} is corrupted ({'; '.join(problems[:3])}); it was "
-                           "left untouched: restore it from a backup or move it aside",
-                           None, 500)
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise ParError("store_unavailable",
-                           f"the store {path} cannot use WAL mode (got {mode!r})", None, 503)
-        # FULL: in WAL mode one fsync of the WAL per commit, so a deploy answered
-        # 202 survives a power cut too (NORMAL could lose the last commits).  PAR
-        # writes a few rows per deploy phase, so the fsync costs nothing noticeable.
-        conn.execute("PRAGMA synchronous = FULL")
-        _migrate(conn, path, migrations)
-        # After migrating: table rebuilds in a migration need foreign keys off.
-        conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.Error as exc:
-        _raise_translated(exc, path)
-
-
-def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
-    """Apply the missing migrations, each in one transaction with its new user_version."""
-    for target in range(_user_version(conn) + 1, len(migrations) + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            if _user_version(conn) >= target:
-                conn.execute("ROLLBACK")
-                continue
-            for statement in migrations[target - 1]:
-                conn.execute(statement)
-            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
-            if broken:
-                raise sqlite3.IntegrityError(f"{len(broken)} rows break a foreign key")
-            conn.execute(f"PRAGMA user_version = {int(target)}")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            known = _translate(exc, path)
-            if known is not None:
-                raise known from exc
-            raise ParError("store_migration_failed",
-                           f"the store {path} could not be migrated to schema version "
-                           f"{target} ({exc}); it stays at version {target - 1}",
-                           None, 500) from exc

@@ -1,7 +1,7 @@
 """Every call PAR makes to systemd, through pystemd (Debian's 0.11).
 
 Agents run as transient units `par-agent@<agentAppId>.service`.  This module
-turns a `UnitSpec` into D-Bus properties, starts, stops, restarts and inspects
+turns a `UnitSpec` into D-Bus properties, starts, stops and inspects
 units, lists them, and sums the resources of a unit's processes.  Nothing
 else in PAR imports pystemd.
 
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from pystemd.dbuslib import DBus, apply_signature, path_encode
@@ -54,9 +55,6 @@ EXTRA_SIGNATURES: dict[bytes, bytes] = {
     b"SystemCallErrorNumber": b"i",
 }
 SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
-
-ACTIVE_STATES_FINAL = ("active", "failed", "inactive")
-
 
 def unit_name(agent_id: str) -> str:
     """`par-agent@<agent_id>.service`, after validating the id (no injection)."""
@@ -149,7 +147,8 @@ def properties(spec: UnitSpec) -> dict[bytes, object]:
 
 
 def _sandboxing(spec: UnitSpec) -> dict[str, object]:
-    """systemd hardening that keeps a normal Python agent (network, files in its state dir) working."""
+    """systemd hardening that keeps a normal Python agent (network, files in its state dir)
+    working."""
     p: dict[str, object] = {
         "DynamicUser": True,
         # Without User= every instance would share one dynamic user "par-agent".
@@ -201,7 +200,8 @@ def _signature_array(props: dict[bytes, object]) -> list:
             signature = SIGNATURES[name]
         except KeyError:
             raise ParError(
-                "unit_property_unknown", f"unit property {name.decode()} has no known D-Bus signature"
+                "unit_property_unknown",
+                f"unit property {name.decode()} has no known D-Bus signature"
             ) from None
         if callable(signature):
             name, signature, value = signature(name, value)
@@ -287,7 +287,8 @@ class Systemd:
         except ParError:
             raise
         except Exception as exc:  # pystemd raises DBusError subclasses and OSError
-            raise ParError("systemd_error", f"systemd call failed: {_dbus_message(exc)}", None, 500) from exc
+            raise ParError("systemd_error", f"systemd call failed: {_dbus_message(exc)}",
+                           None, 500) from exc
 
     def start(self, spec: UnitSpec, current: UnitStatus | None = None) -> None:
         """Start a transient unit for `spec`; a failed leftover of the same name is reset first.
@@ -297,7 +298,8 @@ class Systemd:
         """
         current = current or self.status(spec.name)
         if current.active_state in ("active", "activating", "reloading", "deactivating"):
-            raise ParError("unit_exists", f"{spec.name} is already {current.active_state}", None, 409)
+            raise ParError("unit_exists", f"{spec.name} is already {current.active_state}",
+                           None, 409)
         if current.exists:
             # a failed or inactive unit keeps its name until it is reset
             self.reset_failed(spec.name)
@@ -399,11 +401,6 @@ class Systemd:
             return self.status(name)
         return self.wait_inactive(name, wait_s)
 
-    def restart(self, name: str) -> None:
-        """Restart a loaded unit (its properties are kept by systemd)."""
-        with self._bus() as bus:
-            _manager_call(bus, b"RestartUnit", b"ss", [name.encode(), b"replace"])
-
     def reset_failed(self, name: str) -> None:
         """Forget a failed unit's state so its name can be started again."""
         try:
@@ -428,7 +425,8 @@ class Systemd:
         except ParError:
             raise
         except Exception as exc:
-            raise ParError("systemd_error", f"cannot read {name}: {_dbus_message(exc)}", None, 500) from exc
+            raise ParError("systemd_error", f"cannot read {name}: {_dbus_message(exc)}",
+                           None, 500) from exc
 
     def statuses(self, names: list[str]) -> dict[str, tuple[UnitStatus, Resources | None]]:
         """State and (for running units) resources of many units over one bus connection."""
@@ -451,7 +449,8 @@ class Systemd:
     def list_agent_units(self) -> list[str]:
         """Names of every loaded `par-agent@*.service` unit."""
         with self._manager() as manager:
-            units = manager.Manager.ListUnitsByPatterns([], [f"{UNIT_PREFIX}*{UNIT_SUFFIX}".encode()])
+            pattern = f"{UNIT_PREFIX}*{UNIT_SUFFIX}".encode()
+            units = manager.Manager.ListUnitsByPatterns([], [pattern])
         return sorted(_s(u[0]) for u in units)
 
     def property(self, name: str, interface: str, prop: str) -> object:
@@ -459,12 +458,6 @@ class Systemd:
         with DBus() as bus:
             unit = Unit(name.encode(), bus=bus, _autoload=True)
             return getattr(getattr(unit, interface), prop)
-
-    def resources(self, name: str) -> Resources:
-        """RSS and CPU time of all processes in the unit's cgroup (psutil)."""
-        with DBus() as bus:
-            st = _read_status(bus, name)
-            return _resources(_cgroup_pids(bus, name, st.main_pid))
 
 
 # The longest a wait sleeps without a signal from systemd before reading the unit again.
@@ -496,9 +489,11 @@ def _manager_call(bus: DBus, method: bytes, signature: bytes, args: list) -> obj
                            apply_signature(signature, args))
 
 
-def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) -> object:
-    """One property of a unit.  Plain Get calls on an open connection: pystemd's Unit
-    objects introspect the unit first, which costs more than the reads themselves."""
+def _get(bus: DBus, name: str, interface: bytes, prop: bytes, signature: bytes) -> Any:
+    """One property of a unit, of the Python type pystemd gives `signature` (hence Any).
+
+    Plain Get calls on an open connection: pystemd's Unit objects introspect the unit
+    first, which costs more than the reads themselves."""
     path = path_encode(_UNIT_PATH, name.encode())
     return bus.get_property(_DEST, path, b"org.freedesktop.systemd1." + interface, prop, signature)
 
@@ -546,7 +541,8 @@ def _cgroup_pids(bus: DBus, name: str, main_pid: int) -> list[int]:
     root = _cgroup2_root()
     if cgroup and root is not None:
         try:
-            return [int(x) for x in (root / cgroup.lstrip("/") / "cgroup.procs").read_text().split()]
+            procs = root / cgroup.lstrip("/") / "cgroup.procs"
+            return [int(x) for x in procs.read_text().split()]
         except OSError:
             pass
     if not main_pid:

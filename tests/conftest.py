@@ -20,7 +20,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def systemd_is_pid1() -> bool:
     """True when the system manager is running (here: the sandbox or a real boot)."""
-    return Path("/run/systemd/system").is_dir() and Path("/proc/1/comm").read_text().strip() == "systemd"
+    return (Path("/run/systemd/system").is_dir()
+            and Path("/proc/1/comm").read_text().strip() == "systemd")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -71,7 +71,8 @@ def never_ready(name: str) -> dict[str, str]:
 
 def slow_start(name: str, seconds: float) -> dict[str, str]:
     return {"agent.yaml": manifest(name),
-            "src/main.py": f"import time\ntime.sleep({seconds})\n\ndef handler(ctx):\n    return {{}}\n"}
+            "src/main.py": f"import time\ntime.sleep({seconds})\n\n"
+                           "def handler(ctx):\n    return {}\n"}
 
 
 def with_requirements(name: str, requirements: str, version: str = "1.0.0") -> dict[str, str]:

@@ -42,7 +42,8 @@ def journal_lines(unit: str) -> str:
     ).stdout
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0,
+             interval: float = 0.05) -> object:
     """Poll `predicate` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while True:

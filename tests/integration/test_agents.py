@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from par.units import Systemd
 
 from . import agents

@@ -18,7 +18,8 @@ from .conftest import wait_for
 from .pard import EXAMPLES, Pard, agent_get, apkg_with
 
 
-def parctl(*args: str, timeout: float = 300, socket: Path | None = None) -> subprocess.CompletedProcess:
+def parctl(*args: str, timeout: float = 300,
+           socket: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if socket is not None:
         env["PARCTL_SOCKET"] = str(socket)
@@ -27,7 +28,8 @@ def parctl(*args: str, timeout: float = 300, socket: Path | None = None) -> subp
 
 
 def ok(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode == 0, \
+        f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     return res.stdout
 
 
@@ -46,7 +48,8 @@ def test_deploy_an_apkg_and_json(pard: Pard) -> None:
     res = parctl("deploy", str(apkg), "--id", "cli-apkg", "--version", "2.0.0", "--json")
     data = json.loads(ok(res))
     dep = data.get("deployment", data)
-    assert dep["status"] == "healthy" and dep["agentAppId"] == "cli-apkg" and dep["version"] == "2.0.0"
+    assert dep["status"] == "healthy" and dep["agentAppId"] == "cli-apkg"
+    assert dep["version"] == "2.0.0"
 
 
 def test_deploy_failure_shows_the_installer_message(pard: Pard, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from par.client import ApiError
+from par.store import IN_FLIGHT
 from par.units import Systemd
 from par.venvs import linked_layer
 from tests.wheels import build_hanging_sdist, build_wheel
@@ -30,8 +31,8 @@ def tcp_post(pard: Pard, path: str, body: dict, token: str | None = TOKEN) -> tu
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(pard.tcp_url + path, data=json.dumps(body).encode(), headers=headers,
-                                 method="POST")
+    req = urllib.request.Request(pard.tcp_url + path, data=json.dumps(body).encode(),
+                                 headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -88,9 +89,11 @@ def test_tcp_needs_the_token_and_refuses_file_urls(pard: Pard) -> None:
     with serve_files(apkg.parent) as base:
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token=None)
         assert code == 401 and err["error"]["code"] == "unauthorized"
-        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"), token="wrong")
+        code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"{base}/{apkg.name}"),
+                             token="wrong")
         assert code == 401
-        assert not pard.client().deployments(agent_app_id="tcp-agent")["deployments"]  # no side effect
+        # no side effect
+        assert not pard.client().deployments(agent_app_id="tcp-agent")["deployments"]
         code, err = tcp_post(pard, "/deploy", body("tcp-agent", f"file://{apkg}"))
         assert code == 403 and err["error"]["field"] == "packageUrl"
         b = body("tcp-agent", f"{base}/{apkg.name}")
@@ -186,7 +189,8 @@ def test_bad_version_over_a_healthy_one_leaves_the_old_one_serving(pard: Pard) -
 def test_restart_of_pard_keeps_agents_running(pard: Pard) -> None:
     ids = ["keep-a", "keep-b", "keep-c"]
     for agent in ids:
-        assert pard.deploy(agent, apkg_with(pard.root / "apkg", agents.probe(agent)))["status"] == "healthy"
+        d = pard.deploy(agent, apkg_with(pard.root / "apkg", agents.probe(agent)))
+        assert d["status"] == "healthy", d
     pids = {a: unit_pid(a) for a in ids}
     pard.restart()
     assert pard.client().daemon_health()["ok"] is True
@@ -262,14 +266,38 @@ def test_kill9_while_starting(pard: Pard) -> None:
 
 
 def test_store_is_consistent_after_the_kills(pard: Pard) -> None:
+    # Its own kill -9 (a deploy starting, another agent serving), so that the store holds
+    # something to check also when this test runs alone; after the three tests above,
+    # their deployments are checked too.
+    steady = pard.deploy("store-steady", apkg_with(pard.root / "apkg",
+                                                   agents.probe("store-steady")))
+    assert steady["status"] == "healthy", steady
+    victim = pard.deploy("store-victim", apkg_with(pard.root / "apkg",
+                                                   agents.slow_start("store-victim", 20)),
+                         wait=False)["deploymentId"]
+    wait_for(lambda: pard.client().deployment(victim)["status"] == "starting", timeout=60)
+    kill9_pard(pard)
+
     db = sqlite3.connect(f"file:{pard.state / 'state' / 'par.db'}?mode=ro", uri=True)
-    assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    in_flight = db.execute("SELECT count(*) FROM deployments WHERE status IN "
-                           "('pending','downloading','loading','starting','stopping')").fetchone()[0]
-    assert in_flight == 0
-    dup = db.execute("SELECT agent_app_id, count(*) FROM deployments WHERE current = 1 "
-                     "GROUP BY agent_app_id HAVING count(*) > 1").fetchall()
-    assert dup == []
+    try:
+        assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        marks = ", ".join("?" for _ in IN_FLIGHT)
+        in_flight = db.execute(f"SELECT deployment_id, status FROM deployments WHERE status IN "
+                               f"({marks})", IN_FLIGHT).fetchall()
+        assert in_flight == []
+        dup = db.execute("SELECT agent_app_id, count(*) FROM deployments WHERE current = 1 "
+                         "GROUP BY agent_app_id HAVING count(*) > 1").fetchall()
+        assert dup == []
+
+        def row(deployment_id: str) -> tuple:
+            return db.execute("SELECT status, error_code, current FROM deployments "
+                              "WHERE deployment_id = ?", (deployment_id,)).fetchone()
+
+        # the kill interrupted one deploy and left the serving one as it was
+        assert row(victim) == ("failed", "interrupted", 0)
+        assert row(steady["deploymentId"]) == ("healthy", None, 1)
+    finally:
+        db.close()
 
 
 def test_twenty_deploys_at_once(pard: Pard) -> None:

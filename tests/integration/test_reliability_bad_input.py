@@ -41,8 +41,14 @@ from tests.reliability_cases import (
     running_pard,
     wait_status,
 )
-from tests.unit.apkg_factory import GOOD_MAIN, GOOD_MANIFEST, Entry, package, pkware_unix_extra, \
-    write_zip
+from tests.unit.apkg_factory import (
+    GOOD_MAIN,
+    GOOD_MANIFEST,
+    Entry,
+    package,
+    pkware_unix_extra,
+    write_zip,
+)
 from tests.wheels import build_hanging_sdist, build_wheel
 
 KIB, MIB = 1024, 1024 * 1024

@@ -181,7 +181,7 @@ def test_thirty_deploys(pard: Pard, run: LoadRun) -> None:
     measure("30 deploys, 10 agents, 20 venvs", f"all terminal after {run.seconds:.1f} s; "
             f"answers {dict(run.answers)}; statuses {dict(statuses)}")
     assert run.answers == Counter({202: 30})
-    for did, d in run.final.items():
+    for d in run.final.values():
         assert d["status"] in ("healthy", "stopped") or (
             d["status"] == "failed" and d["error"]["code"] and d["error"]["message"]), d
     failed = {did: d["error"] for did, d in run.final.items() if d["status"] == "failed"}
@@ -234,7 +234,7 @@ def test_venv_once_per_hash(pard: Pard, run: LoadRun) -> None:
     assert set(built.values()) == {1}, built
     assert logged == built, (logged, built)
     assert sum(reused.values()) == 10, reused  # 1.0.0 and 1.0.1 share their venv
-    for i, agent in enumerate(AGENTS):
+    for agent in AGENTS:
         mine = {d["venv"] for d in run.final.values() if d["agentAppId"] == agent}
         assert len(mine) == 2, (agent, mine)
 

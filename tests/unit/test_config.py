@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_shipped_file_is_the_rendered_defaults() -> None:
     shipped = (REPO / "etc/par/par.yaml").read_text()
-    assert shipped == config.render_yaml(), "regenerate etc/par/par.yaml from par.config.render_yaml()"
+    assert shipped == config.render_yaml(), \
+        "regenerate etc/par/par.yaml from par.config.render_yaml()"
     assert config.from_dict(yaml.safe_load(shipped)) == config.Config()
 
 
@@ -40,7 +41,8 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
         ({"installer": {"kind": "conda"}}, "installer.kind", "auto, uv, pip"),
         ({"workers": 0}, "workers", "positive"),
         ({"listen": []}, "listen", "expected a mapping"),
-        ({"installer": {"extra_index_urls": [1]}}, "installer.extra_index_urls[0]", "expected string"),
+        ({"installer": {"extra_index_urls": [1]}}, "installer.extra_index_urls[0]",
+         "expected string"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, key: str, words: str) -> None:

@@ -8,23 +8,23 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from par import layout
+from par.errors import ParError
+from par.extract import extract_package
+from par.manifest import load_manifest
 from tests.unit.apkg_factory import (
     GOOD_MAIN,
     GOOD_MANIFEST,
     Entry,
     make_cfg,
     package,
+    patch_header,
     pkware_unix_extra,
     replace_bytes,
-    patch_header,
     tree,
     write_zip,
 )
-
-from par import layout
-from par.errors import ParError
-from par.extract import extract_package
-from par.manifest import load_manifest
 
 AGENT, VERSION = "demo", "1.0.0"
 

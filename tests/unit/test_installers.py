@@ -102,7 +102,8 @@ def _site_packages(venv: Path) -> Path:
 
 
 def _imports(venv: Path) -> str:
-    out = subprocess.run([str(venv / "bin" / "python"), "-B", "-c", "import alpha; print(alpha.VERSION)"],
+    out = subprocess.run([str(venv / "bin" / "python"), "-B", "-c",
+                          "import alpha; print(alpha.VERSION)"],
                          capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
 

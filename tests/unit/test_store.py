@@ -431,8 +431,8 @@ def test_to_api_is_the_documented_record_with_env_redacted(store: Store) -> None
     d, _ = store.insert_deployment(dep(request=request))
     record = store.get("d-1").to_api()
     assert set(record) == {"deploymentId", "agentAppId", "orgId", "version", "status",
-                           "current", "desiredState", "error", "unit", "venv", "venvReused", "packageDigest",
-                           "ports", "phases", "createdAt", "updatedAt", "request"}
+                           "current", "desiredState", "error", "unit", "venv", "venvReused",
+                           "packageDigest", "ports", "phases", "createdAt", "updatedAt", "request"}
     assert record["request"]["env"] == {"API_KEY": "***", "MODE": "***"}
     assert record["request"]["packageUrl"] == request["packageUrl"]
     assert (record["error"], record["current"], record["status"]) == (None, False, "pending")

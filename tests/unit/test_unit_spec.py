@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from par import agent_unit, ids, ports
+from par.agent_host.par_agent_host import exitcodes
 from par.config import Config, Ports, with_state_dir
 from par.errors import ParError
 from par.host_files import HOST_SOURCE, host_digest, host_dir, install_host
@@ -38,9 +39,11 @@ def test_non_string_id_is_refused() -> None:
 
 def launch(tmp_path: Path, **kw) -> agent_unit.AgentLaunch:
     base = dict(agent_id="hello", deployment_id="d-1", org_id="org", name="hello", version="1.0.0",
-                package_root=tmp_path / "extracted/hello@1.0.0", venv_path=tmp_path / "venvs/hello_abc1234",
+                package_root=tmp_path / "extracted/hello@1.0.0",
+                venv_path=tmp_path / "venvs/hello_abc1234",
                 ports={"rest": 8100, "a2a": 50100, "ui": 3100}, entrypoint="main:handler",
-                rest_entry=None, a2a_service=None, ui_path=None, env={"FOO": "bar", "REST_PORT": "1"})
+                rest_entry=None, a2a_service=None, ui_path=None,
+                env={"FOO": "bar", "REST_PORT": "1"})
     base.update(kw)
     return agent_unit.AgentLaunch(**base)
 
@@ -61,7 +64,9 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert props[b"CPUQuotaPerSecUSec"] == 500_000  # 512 units = half a CPU
     assert props[b"DynamicUser"] is True and props[b"User"] == "par-hello"
     assert props[b"StateDirectory"] == ["par-agent/hello"]
-    assert props[b"RestartPreventExitStatus"] == ([2, 3, 4], [])
+    # the host's permanent failures, by the host's own numbers
+    assert props[b"RestartPreventExitStatus"] == (list(exitcodes.PERMANENT), [])
+    assert exitcodes.EXIT_SURFACE_FAILED not in exitcodes.PERMANENT  # that one may retry
     assert props[b"ExecStart"][0][1][-2:] == ["-m", "par_agent_host"]
     assert b"PAR_AGENT_APP_ID=hello" in props[b"LogExtraFields"]
     env = dict(e.split("=", 1) for e in props[b"Environment"])
@@ -163,7 +168,8 @@ def test_ports_allocation_avoids_taken_and_busy() -> None:
 
 def test_ports_inherit_and_exhaustion() -> None:
     cfg = Ports(rest=[20400, 20400], a2a=[20500, 20501], ui=[20600, 20601])
-    got = ports.allocate(cfg, requested={}, taken=set(), inherit={"rest": 20400, "a2a": 20501, "ui": 20600})
+    got = ports.allocate(cfg, requested={}, taken=set(),
+                         inherit={"rest": 20400, "a2a": 20501, "ui": 20600})
     assert got == {"rest": 20400, "a2a": 20501, "ui": 20600}
     with pytest.raises(ParError) as exc:
         ports.allocate(cfg, requested={}, taken={20400})

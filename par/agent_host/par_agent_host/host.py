@@ -8,6 +8,7 @@ signal context.
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import sys
 import threading
@@ -209,7 +210,8 @@ def _exit_guard(code: int) -> None:
 def main() -> int:
     """Load the spec and the agent, then run the host; the process's exit status."""
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)  # each line reaches the journal at once
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)  # each line reaches the journal at once
     notify = Notifier()
     watchdog = watchdog_interval()
     for key in NOTIFY_KEYS:

@@ -32,7 +32,8 @@ class DrainingServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True  # a restarted agent binds its port again at once
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: tuple[str, int], handler: Callable[..., object]) -> None:
+    def __init__(self, address: tuple[str, int],
+                 handler: Callable[..., socketserver.BaseRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._inflight = 0
         self._idle = threading.Condition()
@@ -55,7 +56,8 @@ class DrainingServer(socketserver.ThreadingTCPServer):
                 while not self._stop_requested:
                     for key, _ in selector.select():
                         if key.fileobj is self and not self._stop_requested:
-                            self._handle_request_noblock()
+                            # BaseServer's own accept-and-dispatch step (not in typeshed)
+                            self._handle_request_noblock()  # type: ignore[attr-defined]
         finally:
             self._loop_ended.set()
 
@@ -101,7 +103,7 @@ class HttpSurface(Surface):
         name: str,
         bind_address: str,
         port: int,
-        handler: Callable[..., object],
+        handler: Callable[..., socketserver.BaseRequestHandler],
         probe_path: str,
     ) -> None:
         self.name = name
