@@ -331,9 +331,9 @@ def fetch_package(cfg: Config, agent_id: str, version: str, package_url: str | d
     """Make `packages/` hold the requested package of `agent_id` at `version`.
 
     `file://` URLs and plain paths are read from the local disk: only the unix
-    socket accepts them (par.deploy_request refuses them over TCP).  `backoff_s` is the pause before the 2nd attempt
-    (doubled before the 3rd).  Raises ParError naming `packageUrl` or
-    `packageSha256`; on failure no file in `packages/` was added or removed.
+    socket accepts them (par.deploy_request refuses them over TCP).  `backoff_s`
+    is the pause before the 2nd attempt (doubled before the 3rd).  Raises ParError
+    naming `packageUrl` or `packageSha256`; on failure no file in `packages/` was added or removed.
     """
     started = time.monotonic()
     ids.agent_id(agent_id)

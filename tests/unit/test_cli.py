@@ -29,9 +29,7 @@ from tests.unit.test_client import (
     daemon_health,
     error,
     health,
-    pard,  # noqa: F401  (fixture)
     record,
-    sockdir,  # noqa: F401  (fixture)
     unit,
 )
 
@@ -110,7 +108,8 @@ def test_top_level_help_documents_the_exit_codes() -> None:
 
 def test_every_command_has_a_clear_help() -> None:
     paths = list(_commands(cli))
-    expected = {("deploy",), ("list",), ("deployments",), ("status",), ("health",), ("logs",), ("stop",), ("start",),
+    expected = {("deploy",), ("list",), ("deployments",), ("status",), ("health",), ("logs",),
+                ("stop",), ("start",),
                 ("restart",), ("rm",), ("venv",), ("venv", "list"), ("venv", "prune"),
                 ("venv", "prewarm"), ("pack",), ("installer",), ("installer", "install-uv"),
                 ("doctor",), ("version",)}

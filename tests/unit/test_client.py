@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import socketserver
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,21 +137,6 @@ class FakePard:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short temp dir: AF_UNIX paths are limited to 107 bytes, pytest's tmp_path can be longer."""
-    path = Path(tempfile.mkdtemp(prefix="par-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def pard(sockdir: Path) -> Iterator[FakePard]:
-    fake = FakePard(sockdir / "par.sock").start()
-    yield fake
-    fake.stop()
 
 
 # -- docs/api.md-shaped payloads -------------------------------------------------

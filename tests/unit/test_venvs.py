@@ -143,7 +143,8 @@ def leftovers(cfg: config.Config) -> list[str]:
     root = layout.venvs(cfg)
     if not root.exists():
         return []
-    own = sorted(p.name for p in root.iterdir() if p.name not in (layout.LOCK_DIR, layout.LAYER_DIR))
+    own = sorted(p.name for p in root.iterdir()
+                 if p.name not in (layout.LOCK_DIR, layout.LAYER_DIR))
     return own + sorted(p.name for p in (root / layout.LAYER_DIR).glob(".tmp-*"))
 
 
@@ -578,6 +579,7 @@ print("reused" if r.reused else "built")
 
 
 def test_two_processes_same_venv_build_once(tmp_path, wheelhouse):
+    uv_binary()  # skips here without uv: in the children a missing uv is a crash, not a skip
     start_at = str(time.time() + 1.5)
     procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD, str(tmp_path),
                                str(wheelhouse), start_at], cwd=REPO, stdout=subprocess.PIPE,
