@@ -147,9 +147,15 @@ def environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
     return env
 
 
+def effective_stop_timeout(cfg: Config, requested: int | None) -> int:
+    """Seconds between SIGTERM and SIGKILL: the deploy's `stopTimeoutSec`, else
+    `agents.stop_timeout_s`."""
+    return requested or cfg.agents.stop_timeout_s
+
+
 def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
     """The variables PAR sets for every agent (its unit's `Environment=`; no secrets)."""
-    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
+    stop_timeout = effective_stop_timeout(cfg, launch.stop_timeout_s)
     return {
         "AGENT_APP_ID": launch.agent_id,
         "DEPLOYMENT_ID": launch.deployment_id,
@@ -175,7 +181,7 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
 
 def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
     """The transient unit for `launch`, sandboxed per docs/security.md."""
-    stop_timeout = launch.stop_timeout_s or cfg.agents.stop_timeout_s
+    stop_timeout = effective_stop_timeout(cfg, launch.stop_timeout_s)
     state = cfg.paths.state_dir
     return UnitSpec(
         name=unit_name(launch.agent_id),

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from par import layout
 from par import ports as portalloc
-from par.agent_unit import AgentLaunch, env_file_path, unit_spec, write_env_file, write_host_spec
+from par.agent_unit import (
+    AgentLaunch,
+    effective_stop_timeout,
+    env_file_path,
+    unit_spec,
+    write_env_file,
+    write_host_spec,
+)
 from par.config import Config
 from par.deploy_request import DeployRequest, from_stored
 from par.errors import ParError
@@ -57,11 +64,6 @@ class LoadedPackage:
     manifest: Manifest
     dotenv: dict[str, str]
     requirements: Requirements
-
-
-def stop_timeout_s(cfg: Config, req: DeployRequest) -> int:
-    """Seconds between SIGTERM and SIGKILL for this deployment's agent."""
-    return req.stop_timeout_s or cfg.agents.stop_timeout_s
 
 
 # ---------------------------------------------------------------- fetch
@@ -169,7 +171,7 @@ def launch(core: Core, req: DeployRequest, pkg: LoadedPackage, venv_path: Path,
         ports=dict(ports), entrypoint=m.entrypoint, rest_entry=m.rest_entry,
         a2a_service=m.a2a_service, ui_path=m.ui_path, env=env,
         memory_mb=req.memory_mb, cpu_units=req.cpu_units,
-        stop_timeout_s=stop_timeout_s(core.cfg, req), host_dir=core.host_dir,
+        stop_timeout_s=req.stop_timeout_s, host_dir=core.host_dir,
         layer_path=layer,
     )
 
@@ -211,8 +213,8 @@ def stop(core: Core, agent: str, timeout_s: float,
 
 def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None) -> UnitStatus:
     """`stop` with the deployment's own stop timeout."""
-    return stop(core, d.agent_app_id, stop_timeout_s(core.cfg, from_stored(d.full_request())),
-                current)
+    requested = from_stored(d.full_request()).stop_timeout_s
+    return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current)
 
 
 # ---------------------------------------------------------------- relaunch
