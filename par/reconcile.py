@@ -45,11 +45,15 @@ def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
         unit_env_matches = st.active_state == "active" and d.status == "starting" and \
             _unit_deployment(systemd, st.name) == d.deployment_id
         if unit_env_matches:
-            store.set_current(d.agent_app_id, d.deployment_id)
+            # what Deployer._replace had left to do
+            replaced = store.set_current(d.agent_app_id, d.deployment_id)
+            if "starting" in d.phases:
+                store.end_phase(d.deployment_id, "starting")
             store.update(d.deployment_id, status="healthy")
+            if replaced is not None:
+                store.update(replaced.deployment_id, status="stopped")
             store.add_event(d.deployment_id, d.agent_app_id, "Deploy finished after daemon restart")
-            report.adopted.append(d.agent_app_id)
-            continue
+            continue  # now current with its unit active: adopted below
         if d.status == "stopping":
             store.update(d.deployment_id, status="stopped")
             continue

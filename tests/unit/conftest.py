@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from par import journal
+from tests.unit.core_env import CoreEnv, close_env, make_env
 from tests.unit.test_client import FakePard
 
 
@@ -22,6 +24,18 @@ def sockdir() -> Iterator[Path]:
 
 @pytest.fixture
 def pard(sockdir: Path) -> Iterator[FakePard]:
+    """A fake pard answering on a unix socket, as parctl's tests talk to it."""
     fake = FakePard(sockdir / "par.sock").start()
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def core_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoreEnv]:
+    """The orchestration core on a FakeSystemd; journalctl reads the fake's journal."""
+    e = make_env(tmp_path)
+    monkeypatch.setattr(journal, "lines", e.fake.journal_lines)
+    try:
+        yield e
+    finally:
+        close_env(e)

@@ -1,0 +1,175 @@
+"""par.actions on a FakeSystemd: stop, start, restart, remove and purge."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from par import layout
+from par.actions import resolve
+from par.agent_unit import env_file_path
+from par.errors import ParError
+from par.store import Deployment
+from tests.unit.core_env import CoreEnv
+
+AGENT = "agent-a"
+
+
+def deployed(e: CoreEnv, did: str = "d1", version: str = "1.0.0") -> Deployment:
+    """A healthy deployment of AGENT, with the call log cleared after it."""
+    d = e.deploy(did, e.package(f"p-{version}", version), version=version)
+    assert d.status == "healthy"
+    e.fake.clear_calls()
+    return d
+
+
+def test_stop_then_start(core_env: CoreEnv) -> None:
+    e = core_env
+    d = deployed(e)
+    stopped = e.actions.act(AGENT, "stop")
+    assert (stopped.status, stopped.desired_state, stopped.current) == ("stopped", "stopped",
+                                                                        True)
+    assert e.fake.ops() == [("stop", "d1")] and e.fake.unit(AGENT) is None
+    assert e.events("d1")[-1] == "Agent stop"
+
+    e.fake.clear_calls()
+    started = e.actions.act("d1", "start")
+    assert (started.status, started.desired_state, started.error) == ("healthy", "running", None)
+    assert e.fake.ops() == [("start", "d1")]
+    unit = e.fake.unit(AGENT)
+    assert unit is not None and unit.active_state == "active"
+    assert unit.spec.environment["REST_PORT"] == str(d.ports["rest"])
+
+
+def test_start_of_a_running_agent_starts_nothing(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    pid = e.fake.status("par-agent@agent-a.service").main_pid
+    assert e.actions.act(AGENT, "start").status == "healthy"
+    assert e.fake.ops() == []
+    assert e.fake.status("par-agent@agent-a.service").main_pid == pid
+
+
+def test_restart_stops_then_starts(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    pid = e.fake.status("par-agent@agent-a.service").main_pid
+    assert e.actions.act(AGENT, "restart").status == "healthy"
+    assert e.fake.ops() == [("stop", "d1"), ("start", "d1")]
+    st = e.fake.status("par-agent@agent-a.service")
+    assert st.active_state == "active" and st.main_pid != pid
+
+
+def test_restart_that_fails_marks_the_deployment_failed(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    e.fake.script(AGENT, ("exit", 2))
+    with pytest.raises(ParError) as exc:
+        e.actions.act(AGENT, "restart")
+    assert exc.value.code == "agent_start_failed"
+    d = e.store.get("d1")
+    assert (d.status, d.error_code, d.current) == ("failed", "agent_start_failed", True)
+    assert e.fake.unit(AGENT) is None
+    # a later start brings it back and clears the error
+    assert e.actions.act(AGENT, "start").error is None
+
+
+def test_restart_without_the_extracted_package_leaves_the_agent_alone(core_env: CoreEnv) -> None:
+    e = core_env
+    d = deployed(e)
+    shutil.rmtree(layout.extraction(e.cfg, AGENT, "1.0.0", d.package_digest))
+    pid = e.fake.status("par-agent@agent-a.service").main_pid
+    with pytest.raises(ParError) as exc:
+        e.actions.act(AGENT, "restart")
+    assert exc.value.code == "package_missing"
+    assert e.fake.ops() == []
+    st = e.fake.status("par-agent@agent-a.service")
+    assert (st.active_state, st.main_pid) == ("active", pid)
+    after = e.store.get("d1")
+    assert (after.status, after.error) == ("healthy", None)
+
+
+def test_start_without_the_extracted_package_fails(core_env: CoreEnv) -> None:
+    e = core_env
+    d = deployed(e)
+    e.actions.act(AGENT, "stop")
+    shutil.rmtree(layout.extraction(e.cfg, AGENT, "1.0.0", d.package_digest))
+    with pytest.raises(ParError) as exc:
+        e.actions.act(AGENT, "start")
+    assert exc.value.code == "package_missing"
+    assert (e.store.get("d1").status, e.store.get("d1").error_code) == ("failed",
+                                                                        "package_missing")
+
+
+def test_actions_need_the_current_deployment(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e, "d1", "1.0.0")
+    deployed(e, "d2", "2.0.0")
+    for action in ("stop", "start", "restart"):
+        with pytest.raises(ParError) as exc:
+            e.actions.act("d1", action)
+        assert (exc.value.code, exc.value.status) == ("not_current", 409)
+    with pytest.raises(ParError) as exc:
+        e.actions.act("d2", "reload")
+    assert exc.value.code == "bad_action"
+    with pytest.raises(ParError) as exc:
+        e.actions.act("nobody", "stop")
+    assert exc.value.code == "not_found"
+    assert e.fake.ops() == []
+
+
+def test_resolve(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e, "d1", "1.0.0")
+    deployed(e, "d2", "2.0.0")
+    assert resolve(e.store, "d1").deployment_id == "d1"
+    assert resolve(e.store, AGENT).deployment_id == "d2"  # the current one
+    e.actions.remove("d2", purge=False)
+    e.deploy("d3", e.package("bad", manifest_text="nope: 1\n"))
+    assert resolve(e.store, AGENT).deployment_id == "d3"  # no current: the latest
+
+
+def test_remove_stops_and_forgets_but_keeps_files(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    files = e.files()
+    out = e.actions.remove(AGENT, purge=False)
+    assert out == {"deleted": "d1", "agentAppId": AGENT, "purged": []}
+    d = e.store.get("d1")
+    assert (d.status, d.desired_state, d.current) == ("removed", "removed", False)
+    assert e.store.current(AGENT) is None
+    assert e.fake.ops() == [("stop", "d1")] and e.fake.unit(AGENT) is None
+    assert not env_file_path(e.cfg, AGENT).exists()
+    assert e.files() == files
+
+
+def test_remove_purge_deletes_files_no_other_deployment_uses(core_env: CoreEnv) -> None:
+    e = core_env
+    d1 = deployed(e, "d1", "1.0.0")
+    d2 = deployed(e, "d2", "2.0.0")  # same requirements: same venv
+    assert d1.venv == d2.venv and d1.package_digest != d2.package_digest
+    v1_package, v1_extraction = layout.deployment_files(e.cfg, AGENT, "1.0.0",
+                                                        d1.package_digest)
+    out = e.actions.remove("d1", purge=True)
+    assert sorted(out["purged"]) == sorted([str(v1_package), str(v1_extraction)])
+    assert e.fake.ops() == []  # d1 was not running
+    venv = layout.venv(e.cfg, d2.venv or "")
+    assert venv.is_dir() and not v1_package.exists() and not v1_extraction.exists()
+
+    out = e.actions.remove("d2", purge=True)
+    assert len(out["purged"]) == 3 and str(venv) in out["purged"]
+    assert e.leftovers() == []
+    assert e.fake.ops() == [("stop", "d2")]
+
+
+def test_remove_purge_keeps_files_another_deployment_uses(core_env: CoreEnv) -> None:
+    e = core_env
+    pkg = e.package("same")
+    e.deploy("d1", pkg)
+    e.deploy("d2", pkg)  # the same bytes: the same package, extraction and venv
+    files = e.files()
+    assert len(files) == 3
+    assert e.actions.remove("d1", purge=True)["purged"] == []
+    assert e.files() == files
+    assert e.store.get("d2").current and e.fake.unit(AGENT) is not None
