@@ -25,8 +25,8 @@ class Deployment:
 
     `request` is the deploy request as sent with its env values replaced by
     "***"; `env` holds the real values (the daemon needs them to re-create the
-    unit after a reboot) and is never part of `to_api()`.  A request passed
-    with real env values and an empty `env` is split accordingly.
+    unit after a reboot) and is never part of `to_api()`.  Whatever values
+    `request["env"]` is given with, the record keeps only its keys there.
     """
 
     deployment_id: str
@@ -60,9 +60,7 @@ class Deployment:
         # Copies: the caller's dicts may change later, a frozen record must not.
         request = copy.deepcopy(dict(self.request))
         env = dict(self.env)
-        sent = request.get("env")
-        if not env and isinstance(sent, dict):
-            env = {str(k): v for k, v in sent.items()}
+        # the request as stored never holds a value: those live in `env` alone
         if "env" in request or env:
             request["env"] = {k: REDACTED for k in env}
         object.__setattr__(self, "request", request)

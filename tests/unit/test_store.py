@@ -428,7 +428,7 @@ def test_to_api_is_the_documented_record_with_env_redacted(store: Store) -> None
     request = {"deploymentId": "d-1", "agentAppId": "hello", "orgId": "org",
                "version": "1.0.0", "packageUrl": "https://example.test/hello.apkg",
                "env": {"API_KEY": "s3cret-value", "MODE": "prod"}}
-    d, _ = store.insert_deployment(dep(request=request))
+    d, _ = store.insert_deployment(dep(request=request, env=request["env"]))
     record = store.get("d-1").to_api()
     assert set(record) == {"deploymentId", "agentAppId", "orgId", "version", "status",
                            "current", "desiredState", "error", "unit", "venv", "venvReused",
@@ -518,7 +518,8 @@ CHILD = textwrap.dedent("""
     while True:
         did, agent = f"{prefix}-{i}", f"agent{i % 3}"
         store.insert_deployment(Deployment(did, agent, "1.0", "https://x.test/a.apkg",
-                                           request={"env": {"K": "v" * 200}, "pad": "p" * 2000}))
+                                           request={"env": {"K": "***"}, "pad": "p" * 2000},
+                                           env={"K": "v" * 200}))
         store.start_phase(did, "downloading", "downloading")
         store.end_phase(did, "downloading")
         if i % 2:
