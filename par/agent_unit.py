@@ -32,11 +32,7 @@ SPEC_FILENAME = "par-agent.json"
 # burn the start limit on them.  (The host's own module: it imports nothing of PAR.)
 HOST_PERMANENT_EXIT = exitcodes.PERMANENT
 EXIT_MEANING = {
-    exitcodes.EXIT_BAD_SPEC: "the agent spec or environment is malformed",
-    exitcodes.EXIT_IMPORT_ERROR: "the agent's code failed to import",
-    exitcodes.EXIT_BAD_ENTRY:
-        "an entry point names nothing callable, or the UI folder has no index.html",
-    exitcodes.EXIT_SURFACE_FAILED: "a surface could not listen or never answered",
+    **exitcodes.MEANING,
     # systemd's own exit statuses (set up before the agent's code runs)
     200: "systemd could not change to the working directory",
     203: "systemd could not execute the venv's python",

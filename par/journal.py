@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from par import procs
+from par.agent_host.par_agent_host.log import PREFIX as HOST_PREFIX
 from par.agent_unit import EXIT_MEANING
 from par.units import UnitStatus
 
@@ -68,5 +69,9 @@ def failure_reason(st: UnitStatus, boot_timeout_s: float, since: float | None = 
         why = f"the agent was killed by signal {code}"
     else:
         why = f"the agent exited ({st.result}, status {code})"
-    text = tail(st.name, since=since)
-    return f"{why}: {text}" if text else why
+    text = lines(st.name, since)
+    # the host's own line names the agent's file:line and the exception; the
+    # traceback above it is in the journal for whoever wants all of it
+    own = [line for line in text if line.startswith(HOST_PREFIX)]
+    said = own[-1][len(HOST_PREFIX):] if own else meaningful_tail(text)
+    return f"{why}: {said}" if said else why

@@ -655,12 +655,18 @@ def test_exits_even_if_the_agent_leaves_a_thread_running(tmp_path: Path, start_a
 
 
 def _failed(agent: Agent, code: int) -> str:
-    """The single stderr line of a host that exited with `code`."""
+    """The host's single line (after the agent's traceback, if any) of a host that
+    exited with `code`; every stderr line is at priority err."""
     assert agent.wait(15) == code, agent.stderr()
     lines = agent.stderr().strip().splitlines()
-    assert len(lines) == 1, lines
+    assert all(line.startswith("<3>") for line in lines), lines
+    own = [line for line in lines if line.startswith("<3>par-agent-host: ")]
+    assert len(own) == 1 and own[0] == lines[-1], lines
+    agent.notify.poll(0.2)  # the datagram was sent before the exit
     assert "READY=1" not in agent.notify.states()
-    return lines[0]
+    assert f"STATUS={exitcodes.describe(code)}: {lines[-1][len('<3>par-agent-host: '):]}" \
+        in agent.notify.states()
+    return lines[-1]
 
 
 def test_import_error_exits_with_named_code_and_names_the_module(tmp_path: Path, start_agent):
@@ -671,8 +677,19 @@ def test_import_error_exits_with_named_code_and_names_the_module(tmp_path: Path,
 
 def test_error_raised_inside_the_agent_says_where(tmp_path: Path, start_agent):
     files = {"main.py": "import helper\n", "helper.py": "x = 1\nraise RuntimeError('no db')\n"}
-    line = _failed(start_agent(write_agent(tmp_path, files)), exitcodes.EXIT_IMPORT_ERROR)
+    agent = start_agent(write_agent(tmp_path, files))
+    line = _failed(agent, exitcodes.EXIT_IMPORT_ERROR)
     assert "RuntimeError: no db" in line and "helper.py:2" in line
+    # the whole traceback is there too, for the developer
+    assert "Traceback (most recent call last):" in agent.stderr()
+    assert 'helper.py", line 2, in <module>' in agent.stderr()
+
+
+def test_error_raised_in_the_stdlib_names_the_agents_own_line(tmp_path: Path, start_agent):
+    files = {"main.py": "import helper\n",
+             "helper.py": "import json\n\nCONFIG = json.loads('{bad')\n"}
+    line = _failed(start_agent(write_agent(tmp_path, files)), exitcodes.EXIT_IMPORT_ERROR)
+    assert "JSONDecodeError" in line and "helper.py:3)" in line and "decoder.py" not in line
 
 
 def test_missing_entry_function_is_a_bad_entry(tmp_path: Path, start_agent):

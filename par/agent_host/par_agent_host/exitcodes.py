@@ -23,6 +23,21 @@ EXIT_SURFACE_FAILED = 5
 
 PERMANENT: tuple[int, ...] = (EXIT_BAD_SPEC, EXIT_IMPORT_ERROR, EXIT_BAD_ENTRY)
 
+# What each means, in words.  systemd names exit statuses 1-7 after the LSB
+# codes (3 reads "NOTIMPLEMENTED"): the host says what it means in its STATUS=
+# line instead, which `systemctl status` shows, and pard in its error messages.
+MEANING: dict[int, str] = {
+    EXIT_BAD_SPEC: "the agent spec or environment is malformed",
+    EXIT_IMPORT_ERROR: "the agent's code failed to import",
+    EXIT_BAD_ENTRY: "an entry point names nothing callable, or the UI folder has no index.html",
+    EXIT_SURFACE_FAILED: "a surface could not listen or never answered",
+}
+
+
+def describe(code: int) -> str:
+    """'<meaning> (exit status N)'."""
+    return f"{MEANING.get(code, 'the host failed')} (exit status {code})"
+
 
 class HostError(Exception):
     """A failure that ends the host: one line for the journal and the exit status."""

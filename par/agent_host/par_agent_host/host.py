@@ -16,7 +16,7 @@ import time
 
 from . import dotenv, loader, log, spec, stdlib_rest
 from .api import HostApi
-from .exitcodes import EXIT_IMPORT_ERROR, EXIT_OK, EXIT_SURFACE_FAILED, HostError
+from .exitcodes import EXIT_IMPORT_ERROR, EXIT_OK, EXIT_SURFACE_FAILED, HostError, describe
 from .loader import EntryRef
 from .notify import NOTIFY_KEYS, Notifier, watchdog_interval
 from .signals import SignalWaiter
@@ -46,7 +46,7 @@ def build_surfaces(api: HostApi) -> list[Surface]:
                 EXIT_IMPORT_ERROR,
                 f"rest entry {ref} needs fastapi and uvicorn in the agent's venv: {exc}",
             ) from exc
-        app = rest.build_app(api, loader.load_callable(ref), ref)
+        app = rest.build_app(api, loader.load_callable(ref, agent.package_root), ref)
         surfaces.append(
             rest.UvicornSurface(app, env.bind_address, env.ports.rest, env.stop_timeout)
         )
@@ -59,7 +59,8 @@ def build_surfaces(api: HostApi) -> list[Surface]:
         ref = EntryRef.parse("a2a service", agent.a2a_service, "create_grpc_server")
         surfaces.append(
             A2aSurface(
-                loader.load_callable(ref), ref, env.bind_address, env.ports.a2a, env.ready_timeout
+                loader.load_callable(ref, agent.package_root), ref, env.bind_address,
+                env.ports.a2a, env.ready_timeout,
             )
         )
     if agent.ui_path:
@@ -116,8 +117,7 @@ class Host:
                 self._serve()
             return EXIT_OK
         except HostError as exc:
-            log.error(exc.message)
-            return exc.exit_code
+            return _fail(exc, self.notify)
         finally:
             self._stop(started)
 
@@ -207,6 +207,16 @@ def _exit_guard(code: int) -> None:
     timer.start()
 
 
+def _fail(exc: HostError, notify: Notifier) -> int:
+    """Report a failure before any surface ran: the agent's traceback (when its code
+    raised), the one line, and that line as the unit's STATUS=; the exit status."""
+    if exc.__cause__ is not None:
+        log.exception(exc.__cause__)
+    log.error(exc.message)
+    notify(f"STATUS={describe(exc.exit_code)}: {exc.message}")
+    return exc.exit_code
+
+
 def main() -> int:
     """Load the spec and the agent, then run the host; the process's exit status."""
     for stream in (sys.stdout, sys.stderr):
@@ -227,12 +237,12 @@ def main() -> int:
             f"starting agent {agent.name} {agent.version} "
             f"(agentAppId={env.agent_app_id or '-'} deploymentId={env.deployment_id or '-'})"
         )
-        handler = loader.load_callable(EntryRef.parse("entrypoint", agent.entrypoint, "handler"))
+        handler = loader.load_callable(EntryRef.parse("entrypoint", agent.entrypoint, "handler"),
+                                       agent.package_root)
         api = HostApi(agent, env, Health(agent.surfaces), handler)
         surfaces = build_surfaces(api)
     except HostError as exc:
-        log.error(exc.message)
-        return exc.exit_code
+        return _fail(exc, notify)
     # Installed after the agent's modules ran, so an import-time handler cannot replace ours.
     host = Host(api, surfaces, notify, SignalWaiter(), watchdog)
     code = host.run()

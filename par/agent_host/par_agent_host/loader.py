@@ -50,34 +50,43 @@ def add_package_paths(package_root: Path) -> list[str]:
     return paths
 
 
-def _where(exc: BaseException) -> str:
-    """' (at file:line)' for the innermost frame outside importlib, or ''."""
+def _where(exc: BaseException, package_root: Path | None) -> str:
+    """' (at file:line)' for the innermost frame in the agent's own files (below
+    `package_root`), else the innermost one outside importlib; '' when none.
+
+    The agent's own frame is what its developer can fix: a JSONDecodeError
+    raised in the stdlib's decoder is caused by the agent's call to it."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" (at {exc.filename}:{exc.lineno})"
     import traceback  # only on a failure: every agent's start would pay for it
 
     frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+        f for f in traceback.extract_tb(exc.__traceback__)
+        # the first frame is this module's import_module call: not the agent's fault
+        if not f.filename.startswith("<frozen") and f.filename != __file__
     ]
-    # The first frame is this module's import_module call: not the agent's fault.
-    frames = [f for f in frames if f.filename != __file__]
+    if package_root is not None:
+        root = str(package_root).rstrip("/") + "/"
+        own = [f for f in frames if f.filename.startswith(root)]
+        frames = own or frames
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
-def import_module(ref: EntryRef) -> object:
+def import_module(ref: EntryRef, package_root: Path | None = None) -> object:
     try:
         return importlib.import_module(ref.module)
     except Exception as exc:  # any error raised by the agent's module body
         raise HostError(
             EXIT_IMPORT_ERROR,
             f"cannot import {ref.what} module {ref.module!r} ({ref}): "
-            f"{type(exc).__name__}: {exc}{_where(exc)}",
+            f"{type(exc).__name__}: {exc}{_where(exc, package_root)}",
         ) from exc
 
 
-def load_callable(ref: EntryRef) -> Callable[..., object]:
-    """Import `ref.module` and return its callable `ref.attr`."""
-    module = import_module(ref)
+def load_callable(ref: EntryRef, package_root: Path | None = None) -> Callable[..., object]:
+    """Import `ref.module` and return its callable `ref.attr` (`package_root`: where the
+    agent's own files are, for naming the line at fault)."""
+    module = import_module(ref, package_root)
     func = getattr(module, ref.attr, None)
     if func is None:
         raise HostError(

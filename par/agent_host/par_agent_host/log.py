@@ -10,6 +10,9 @@ from __future__ import annotations
 import sys
 
 PREFIX = "par-agent-host: "
+# sd-daemon(3) priority prefix: journald files the line at PRIORITY=3 (err) and
+# strips the prefix, so `journalctl -p err` finds the host's failures.
+ERR = "<3>"
 
 
 def info(message: str) -> None:
@@ -17,12 +20,15 @@ def info(message: str) -> None:
 
 
 def error(message: str) -> None:
-    print(PREFIX + message, file=sys.stderr, flush=True)
+    """One line about a failure, at priority err."""
+    print(ERR + PREFIX + message, file=sys.stderr, flush=True)
 
 
 def exception(exc: BaseException) -> None:
-    """The traceback of an agent failure, on stderr."""
+    """The full traceback of an agent failure, on stderr, every line at priority err."""
     import traceback  # only on a failure: every agent's start would pay for it
 
-    traceback.print_exception(exc, file=sys.stderr)
+    for chunk in traceback.format_exception(exc):
+        for line in chunk.rstrip("\n").splitlines():
+            sys.stderr.write(ERR + line + "\n")
     sys.stderr.flush()
