@@ -371,7 +371,9 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if isinstance(response.body, dict) and isinstance(response.body.get("error"), dict):
             fields["error"] = response.body["error"].get("code")
-        event(self.server.settings.logger, "API request", logging.INFO, **fields)
+        # reads (long polls included) are routine: debug; changes and errors stay visible
+        level = logging.DEBUG if self.command == "GET" and response.status < 400 else logging.INFO
+        event(self.server.settings.logger, "API request", level, **fields)
 
     def _linger(self) -> None:
         """Push our answer out, then drop what the client still sends (bounded) before closing."""

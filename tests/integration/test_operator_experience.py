@@ -35,3 +35,26 @@ def test_import_error_names_the_agents_own_line_and_keeps_the_traceback(pard: Pa
     info = sh("journalctl", "-u", unit, "-p", "info", "-o", "cat", "--no-pager").stdout
     assert "starting agent" in info  # the host's progress stays at info
     assert "starting agent" not in errors
+
+
+def test_pard_logs_with_real_priorities_and_fields(pard: Pard) -> None:
+    agent = "ux-prio"
+    d = pard.deploy(agent, apkg_with(pard.root / "apkg", agents.import_error(agent)))
+    assert d["status"] == "failed", d
+    pard.client().deployment(d["deploymentId"])  # a GET: routine, logged at debug
+
+    def journal(*args: str) -> str:
+        return sh("journalctl", "-u", "par.service", "-o", "cat", "--no-pager", *args).stdout
+
+    warnings = journal("-p", "warning")
+    assert '"event":"Deployment failed"' in warnings, warnings
+    assert '"event":"API request"' not in warnings and '"event":"pard ready"' not in warnings
+    # the fields an operator filters on are journal fields of their own
+    mine = journal(f"PAR_DEPLOYMENT_ID={d['deploymentId']}", "CODE=agent_start_failed")
+    assert '"event":"Deployment failed"' in mine, mine
+    assert d["deploymentId"] in journal(f"PAR_AGENT_APP_ID={agent}")
+    # GETs are kept, below info
+    debug = journal("-p", "debug")
+    info = journal("-p", "info")
+    get = f'"method":"GET","path":"/deployments/{d["deploymentId"]}"'
+    assert get in debug and get not in info
