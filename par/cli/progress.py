@@ -21,6 +21,8 @@ PHASE_LABELS = {
 FINAL_STATUSES = ("healthy", "failed", "stopped", "removed")
 # How long one request of `wait_for` lets pard hold the answer back (it answers on any change).
 WAIT_S = 30.0
+# On a terminal the running phase's clock ticks: pard is asked at least this often.
+TICK_S = 0.2
 
 
 @dataclass
@@ -96,15 +98,17 @@ def wait_for(app: App, client: Client, deployment_id: str, printer: PhasePrinter
     installer: str | None = None
     asked_installer = False
     record: dict | None = None
+    hold = TICK_S if printer is not None and printer.tty else WAIT_S
     while True:
         previous = record
         if previous is None:
             record = client.deployment(deployment_id)
         else:
             seen = previous.get("updatedAt")
-            record = client.deployment(deployment_id, wait=WAIT_S,
+            asked = time.monotonic()
+            record = client.deployment(deployment_id, wait=hold,
                                        since=seen if isinstance(seen, int | float) else None)
-            if record.get("updatedAt") == seen:
+            if record.get("updatedAt") == seen and time.monotonic() - asked < hold / 2:
                 time.sleep(app.poll_interval)  # unchanged (a server that did not wait): pace it
         status = record.get("status")
         if printer is not None:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from par import __version__
-from par.cli import App, cli
+from par.cli import App, cli, progress
 from par.cli.progress import PhasePrinter
 from par.client import Client
 from tests.unit.test_client import (
@@ -294,6 +295,39 @@ def test_phase_printer_updates_one_line_on_a_terminal() -> None:
     final = [line.split("\r\x1b[K")[-1] for line in text.split("\n") if line]
     assert final == ["downloading ... 0.1s", "building venv: pip 3.2s", "starting ... 0.8s",
                      "healthy"]
+
+
+class TickingClient:
+    """Answers the same `loading` record until the 6th call: a long venv build."""
+
+    def __init__(self) -> None:
+        self.waits: list[float | None] = []
+
+    def deployment(self, deployment_id: str, wait: float | None = None,
+                   since: float | None = None) -> dict:
+        self.waits.append(wait)
+        if wait:
+            time.sleep(min(wait, 0.2))  # pard holds an unchanged record (up to `wait`)
+        return record("healthy" if len(self.waits) >= 6 else "loading")
+
+    def events(self, deployment_id: str, limit: int = 100) -> dict:
+        return {"events": []}
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_running_phase_ticks_on_a_terminal(app: App, tty: bool) -> None:
+    client, out = TickingClient(), io.StringIO()
+    printer = PhasePrinter(tty=tty, write=out.write)
+    started = time.monotonic()
+    progress.wait_for(app, client, "d-1", printer)  # type: ignore[arg-type]
+    if tty:
+        # asked every 0.2 s, and each answer redrew the clock of "building venv"
+        assert set(client.waits[1:]) == {progress.TICK_S}
+        assert out.getvalue().count("\r\x1b[Kbuilding venv ...") == 5
+        assert time.monotonic() - started < 3
+    else:
+        assert set(client.waits[1:]) == {progress.WAIT_S}
+        assert "\r" not in out.getvalue()
 
 
 # -- looking at agents ---------------------------------------------------------------
