@@ -172,6 +172,39 @@ def test_pack_is_deterministic_and_skips_caches(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_pack_skips_local_venvs_node_modules_and_parignore(tmp_path: Path) -> None:
+    src = tmp_path / "agent"
+    (src / "src").mkdir(parents=True)
+    (src / "agent.yaml").write_text("name: packed\nversion: '1'\n")
+    (src / "src" / "main.py").write_text("def handler(c):\n    return c\n")
+    # a local venv as `python -m venv .venv` makes it: lib64 is a symbolic link
+    (src / ".venv" / "lib").mkdir(parents=True)
+    (src / ".venv" / "lib64").symlink_to("lib")
+    (src / "venv" / "bin").mkdir(parents=True)
+    (src / "venv" / "bin" / "python").symlink_to("/usr/bin/python3")
+    (src / "node_modules" / "x").mkdir(parents=True)
+    (src / "node_modules" / "x" / "index.js").write_text("")
+    (src / "data").mkdir()
+    (src / "data" / "big.bin").write_bytes(b"\0" * 10)
+    (src / "data" / "keep.bin").write_bytes(b"\1")
+    (src / "notes.log").write_text("x")
+    (src / "src" / "debug.log").write_text("x")
+    (src / ".parignore").write_text("# not the agent\n*.log\ndata/*\n!data/keep.bin\n")
+    pack_folder(src, tmp_path / "out.apkg")
+    with zipfile.ZipFile(tmp_path / "out.apkg") as zf:
+        assert zf.namelist() == ["agent.yaml", "data/keep.bin", "src/main.py"]
+
+
+def test_pack_still_refuses_a_link_it_would_pack(tmp_path: Path) -> None:
+    src = tmp_path / "agent"
+    (src / "src").mkdir(parents=True)
+    (src / "agent.yaml").write_text("name: packed\nversion: '1'\n")
+    (src / "src" / "config.json").symlink_to("/etc/hostname")
+    with pytest.raises(ParError) as info:
+        pack_folder(src, tmp_path / "out.apkg")
+    assert (info.value.code, info.value.field) == ("pack_symlink", "src/config.json")
+
+
 def test_pack_output_inside_the_folder_is_not_packed_into_itself(tmp_path: Path) -> None:
     src = tmp_path / "agent"
     src.mkdir()
