@@ -103,12 +103,15 @@ class Actions:
         purged: list[str] = []
         with self.locks.of(agent):
             d = store.get(d.deployment_id)
+            already = d.status == "removed"
             if d.current:
                 pipeline.stop_deployment(core, d)
                 env_file_path(core.cfg, agent).unlink(missing_ok=True)
                 store.clear_current(agent)
-            store.update(d.deployment_id, desired_state="removed", status="removed")
-            store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)
-            if purge:
+            if not already:
+                store.update(d.deployment_id, desired_state="removed", status="removed")
+                store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)
+            if purge:  # also after an earlier plain remove: its files are still there
                 purged = ownership.purge(core.cfg, store, core.venvs, core.logger, d)
-        return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged}
+        return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged,
+                "alreadyRemoved": already}

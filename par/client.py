@@ -207,10 +207,11 @@ class Client:
                 f"pard is not running ({self.socket_path} refuses connections): {START_HINT}"
             ) from None
         except PermissionError:
-            # The socket is root only (mode 0600); starting par would not help.
+            # The socket and its folder are root only: starting par would not help, and
+            # there is no group to join (the API can start code as root: it is root's).
             raise DaemonUnreachable(
-                f"permission denied on {self.socket_path}: run parctl as root (sudo parctl ...); "
-                f"if pard is not running, {START_HINT}") from None
+                f"permission denied on {self.socket_path}: pard's socket is root-only; "
+                "run parctl as root (sudo parctl ...)") from None
         except TimeoutError:
             raise DaemonUnreachable(
                 f"pard did not answer {method} {path} within {conn.timeout:g} s "

@@ -193,9 +193,15 @@ def health(app: App, ident: str, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
-def journalctl_argv(agent: str, follow: bool, lines: int | None, since: str | None) -> list[str]:
-    """`journalctl -u par-agent@ID.service` with the requested flags (an argv, never a shell)."""
-    argv = ["journalctl", "-u", f"par-agent@{agent}.service"]
+def journalctl_argv(agent: str | None, follow: bool, lines: int | None, since: str | None,
+                    deployment: str | None = None) -> list[str]:
+    """`journalctl -u par-agent@ID.service`, or the lines of one deployment
+    (`PAR_DEPLOYMENT_ID=`, a journal field of every agent line), with the requested
+    flags (an argv, never a shell)."""
+    if deployment is not None:
+        argv = ["journalctl", f"PAR_DEPLOYMENT_ID={deployment}"]
+    else:
+        argv = ["journalctl", "-u", f"par-agent@{agent}.service"]
     if follow:
         argv.append("-f")
     if lines is not None:
@@ -203,6 +209,21 @@ def journalctl_argv(agent: str, follow: bool, lines: int | None, since: str | No
     if since:
         argv += ["--since", since]
     return argv
+
+
+def log_target(app: App, ident: str) -> tuple[str | None, str | None]:
+    """(agent, deployment): what `parctl logs ID` shows.  pard, when it answers, says
+    whether ID is a deploymentId; without pard an agent-id-shaped ID is an agent."""
+    try:
+        record = app.client().deployment(ident)
+    except ParError:  # not found, or pard unreachable: the journal is still there
+        record = None
+    if record is not None and record.get("deploymentId") == ident \
+            and record.get("agentAppId") != ident:
+        return None, ident
+    if ids.AGENT_ID_RE.fullmatch(ident):
+        return ident, None
+    return None, option_id(ident, "ID", ids.deployment_id)
 
 
 @click.command()
@@ -213,12 +234,13 @@ def journalctl_argv(agent: str, follow: bool, lines: int | None, since: str | No
               help='Start at WHEN ("10 min ago", "today", "2025-01-01 12:00").')
 @click.pass_obj
 def logs(app: App, agent: str, follow: bool, lines: int | None, since: str | None) -> None:
-    """Show an agent's logs (journalctl -u par-agent@ID).
+    """Show an agent's logs (journalctl -u par-agent@ID), or one deployment's.
 
-    Reads the journal directly, so it works without pard.
+    ID is an agent id or a deploymentId.  Reads the journal directly, so it works
+    without pard.
     """
-    agent = option_id(agent, "ID", ids.agent_id) or agent
-    argv = journalctl_argv(agent, follow, lines, since)
+    name, deployment = log_target(app, agent)
+    argv = journalctl_argv(name, follow, lines, since, deployment)
     sys.stdout.flush()
     try:
         app.execvp(argv[0], argv)

@@ -11,7 +11,10 @@ from par.cli import agent_commands, host_commands
 from par.cli.app import App, ParctlGroup
 
 
-@click.group("parctl", cls=ParctlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# no_args_is_help=False: a bare `parctl` is a usage error (exit 2, "Missing command"),
+# not a successful run, so a script that lost its arguments fails loudly.
+@click.group("parctl", cls=ParctlGroup, no_args_is_help=False,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", type=click.Path(path_type=Path, dir_okay=False), envvar="PARCTL_SOCKET",
               metavar="PATH", help="pard's unix socket [env PARCTL_SOCKET; "
               "default: listen.socket from /etc/par/par.yaml, /run/par/par.sock]")

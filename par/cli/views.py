@@ -167,7 +167,8 @@ def acted(record: dict, verb: str, ident: str) -> list[str]:
 
 def removed(data: dict, ident: str, purge: bool) -> list[str]:
     """`parctl rm`: which deployment went, and which files with --purge."""
-    lines = [f"removed {data.get('agentAppId', ident)} (deployment {data.get('deleted')})"]
+    verb = "already removed" if data.get("alreadyRemoved") else "removed"
+    lines = [f"{verb} {data.get('agentAppId', ident)} (deployment {data.get('deleted')})"]
     lines += [f"  deleted {path}" for path in data.get("purged") or []]
     if not purge:
         lines.append("  package and venv kept (parctl rm --purge deletes them)")

@@ -504,6 +504,32 @@ def test_logs_execs_journalctl_with_the_flags(app: App, sockdir: Path) -> None:
     result = run(sockdir / "absent.sock", app, "logs", "x;rm -rf /")
     assert result.exit_code == 2 and len(calls) == 1
 
+    calls.clear()  # not an agent id: a deploymentId, even without pard
+    assert run(sockdir / "absent.sock", app, "logs", "Deploy-7").exit_code == 0
+    assert calls == [("journalctl", ["journalctl", "PAR_DEPLOYMENT_ID=Deploy-7"])]
+
+
+def test_logs_of_a_deployment_id_pard_knows(pard: FakePard, app: App) -> None:
+    calls: list[tuple[str, list[str]]] = []
+    app.execvp = lambda file, argv: calls.append((file, list(argv)))
+    # agent-id-shaped, but pard says it is a deployment of agent "hello"
+    pard.on("GET", "/deployments/hello-3f2a", (200, record(deployment_id="hello-3f2a")))
+    assert run(pard.socket_path, app, "logs", "hello-3f2a", "-n", "5").exit_code == 0
+    assert calls == [("journalctl", ["journalctl", "PAR_DEPLOYMENT_ID=hello-3f2a", "-n", "5"])]
+
+
+def test_parctl_without_a_command_is_a_usage_error(app: App, sockdir: Path) -> None:
+    result = run(sockdir / "absent.sock", app)
+    assert result.exit_code == 2 and "Missing command" in result.stderr
+
+
+def test_rm_twice_says_already_removed(pard: FakePard, app: App) -> None:
+    pard.on("DELETE", "/deployments/hello", (200, {"deleted": "d-1", "agentAppId": "hello",
+                                                    "purged": [], "alreadyRemoved": True}))
+    result = run(pard.socket_path, app, "rm", "hello")
+    assert result.exit_code == 0
+    assert result.output.splitlines()[0] == "already removed hello (deployment d-1)"
+
 
 def test_venv_commands(pard: FakePard, app: App, tmp_path: Path) -> None:
     pard.on("GET", "/venvs", (200, {"venvs": [

@@ -135,9 +135,13 @@ def test_remove_stops_and_forgets_but_keeps_files(core_env: CoreEnv) -> None:
     deployed(e)
     files = e.files()
     out = e.actions.remove(AGENT, purge=False)
-    assert out == {"deleted": "d1", "agentAppId": AGENT, "purged": []}
+    assert out == {"deleted": "d1", "agentAppId": AGENT, "purged": [], "alreadyRemoved": False}
     d = e.store.get("d1")
     assert (d.status, d.desired_state, d.current) == ("removed", "removed", False)
+    events = len(e.store.events("d1"))
+    # again: nothing changes, and it says so
+    assert e.actions.remove(AGENT, purge=False)["alreadyRemoved"] is True
+    assert len(e.store.events("d1")) == events
     assert e.store.current(AGENT) is None
     assert e.fake.ops() == [("stop", "d1")] and e.fake.unit(AGENT) is None
     assert not env_file_path(e.cfg, AGENT).exists()
