@@ -64,6 +64,34 @@ def installer_install_uv(app: App, as_json: bool) -> None:
     show(as_json, app.client().install_uv(), views.uv_installed)
 
 
+@click.group()
+def token() -> None:
+    """The bearer token TCP clients send (listen.token_file)."""
+
+
+@token.command("create")
+@click.option("--force", is_flag=True, help="Replace an existing token.")
+@click.pass_obj
+def token_create(app: App, force: bool) -> None:
+    """Write a new random token to listen.token_file (root-only, 0600) and print it.
+
+    Give the printed token to the control plane; restart pard (systemctl restart
+    par) for a replaced token to take effect.
+    """
+    import secrets
+
+    from par.fsutil import atomic_write_text
+
+    path = app.config().listen.token_file
+    if path.exists() and not force:
+        raise ParError("token_exists", f"{path} already holds a token; --force replaces it",
+                       "token_file")
+    value = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, value + "\n", mode=0o600)
+    click.echo(value)
+
+
 @click.command()
 @click.argument("folder", metavar="DIR",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -112,4 +140,4 @@ def version_(app: App, as_json: bool) -> None:
     show(as_json, {"parctl": __version__, "pard": pard}, lambda d: views.versions(d, problem))
 
 
-COMMANDS: tuple[click.Command, ...] = (venv, installer, pack, doctor, version_)
+COMMANDS: tuple[click.Command, ...] = (venv, installer, token, pack, doctor, version_)

@@ -113,7 +113,7 @@ def test_every_command_has_a_clear_help() -> None:
                 ("stop",), ("start",),
                 ("restart",), ("rm",), ("venv",), ("venv", "list"), ("venv", "prune"),
                 ("venv", "prewarm"), ("pack",), ("installer",), ("installer", "install-uv"),
-                ("doctor",), ("version",)}
+                ("token",), ("token", "create"), ("doctor",), ("version",)}
     assert set(paths) == expected
     for path in paths:
         result = CliRunner().invoke(cli, [*path, "--help"])
@@ -516,6 +516,24 @@ def test_logs_of_a_deployment_id_pard_knows(pard: FakePard, app: App) -> None:
     pard.on("GET", "/deployments/hello-3f2a", (200, record(deployment_id="hello-3f2a")))
     assert run(pard.socket_path, app, "logs", "hello-3f2a", "-n", "5").exit_code == 0
     assert calls == [("journalctl", ["journalctl", "PAR_DEPLOYMENT_ID=hello-3f2a", "-n", "5"])]
+
+
+def test_token_create_writes_a_root_only_file_once(app: App, tmp_path: Path,
+                                                   sockdir: Path) -> None:
+    token_file = tmp_path / "etc" / "token"
+    assert app.config_path is not None
+    with open(app.config_path, "a") as fh:
+        fh.write(f"listen:\n  token_file: {token_file}\n")
+    result = run(sockdir / "absent.sock", app, "token", "create")  # no pard needed
+    assert result.exit_code == 0, result.stderr
+    value = result.output.strip()
+    assert len(value) >= 40 and token_file.read_text() == value + "\n"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    again = run(sockdir / "absent.sock", app, "token", "create")
+    assert again.exit_code == 1 and "--force" in again.stderr
+    assert token_file.read_text() == value + "\n"
+    forced = run(sockdir / "absent.sock", app, "token", "create", "--force")
+    assert forced.exit_code == 0 and forced.output.strip() != value
 
 
 def test_parctl_without_a_command_is_a_usage_error(app: App, sockdir: Path) -> None:
