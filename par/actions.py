@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from par import ownership, pipeline
+from par import agent_state, ownership, pipeline
 from par.agent_locks import AgentLocks
 from par.agent_unit import env_file_path
 from par.deployer import Deployer
@@ -111,4 +111,9 @@ class Actions:
             store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)
             if purge:
                 purged = ownership.purge(core.cfg, store, core.venvs, core.logger, d)
+                if not any(x.agent_app_id == agent and x.org_id == d.org_id
+                           for x in ownership.keepers(store, d.deployment_id)):
+                    # the org's last deployment of the agent: its state goes too (the unit
+                    # is stopped); another org's deploy never sees it (par.agent_state)
+                    purged += agent_state.clear(agent, d.org_id)
         return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged}
