@@ -22,9 +22,17 @@ ACTIONS = ("stop", "start", "restart")
 
 
 def resolve(store: Store, ident: str) -> Deployment:
-    """A deploymentId, or an agentAppId meaning its current (else latest) deployment."""
+    """A deploymentId, or an agentAppId meaning its current (else latest) deployment.
+
+    An ident that is a deploymentId of one agent and the agentAppId of another is
+    refused (409 `ambiguous_id`, naming both): guessing acted on the wrong agent."""
     d = store.find(ident)
     if d is not None:
+        if d.agent_app_id != ident and store.deployments(agent_app_id=ident):
+            raise ParError("ambiguous_id",
+                           f"{ident!r} is deployment {d.deployment_id} of agent "
+                           f"{d.agent_app_id} and also the agent {ident}; use the other "
+                           f"agent's deploymentId instead", "id", 409)
         return d
     d = store.current(ident)
     if d is not None:

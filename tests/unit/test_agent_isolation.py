@@ -68,3 +68,45 @@ def test_bad_limits_are_config_errors(raw: dict) -> None:
 def test_bind_filter_enforced_reads_systemd_features() -> None:
     assert agent_isolation.bind_filter_enforced("+PAM +SECCOMP +BPF_FRAMEWORK +XZ")
     assert not agent_isolation.bind_filter_enforced("+PAM -BPF_FRAMEWORK +XZ")
+
+
+def test_ui_folder_is_never_the_package_root(tmp_path: Path) -> None:
+    from par.agent_host.par_agent_host.exitcodes import HostError
+    from par.agent_host.par_agent_host.ui import ui_folder
+    from par.errors import ParError
+    from par.manifest import _ui_path
+
+    (tmp_path / "index.html").write_text("x")
+    (tmp_path / ".env").write_text("SECRET=1")
+    for path in (".", "./"):
+        with pytest.raises(ParError, match="package root"):
+            _ui_path(tmp_path, path)
+        with pytest.raises(HostError, match="package root"):
+            ui_folder(tmp_path, path)
+
+
+def test_ui_surface_refuses_dotfiles(tmp_path: Path) -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from par.agent_host.par_agent_host.ui import surface
+
+    (tmp_path / "index.html").write_text("hello")
+    (tmp_path / ".env").write_text("SECRET=1")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = surface(tmp_path, "127.0.0.1", port)
+    ui.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert r.read() == b"hello"
+        for path in ("/.env", "/%2eenv", "/.git/config", "/x/../.env"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            assert err.value.code == 404, path
+    finally:
+        ui.stop(1.0)
