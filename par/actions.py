@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from par import ownership, pipeline
+from par import agent_state, ownership, pipeline
 from par.agent_locks import AgentLocks
 from par.agent_unit import env_file_path
 from par.deployer import Deployer
@@ -22,9 +22,17 @@ ACTIONS = ("stop", "start", "restart")
 
 
 def resolve(store: Store, ident: str) -> Deployment:
-    """A deploymentId, or an agentAppId meaning its current (else latest) deployment."""
+    """A deploymentId, or an agentAppId meaning its current (else latest) deployment.
+
+    An ident that is a deploymentId of one agent and the agentAppId of another is
+    refused (409 `ambiguous_id`, naming both): guessing acted on the wrong agent."""
     d = store.find(ident)
     if d is not None:
+        if d.agent_app_id != ident and store.deployments(agent_app_id=ident):
+            raise ParError("ambiguous_id",
+                           f"{ident!r} is deployment {d.deployment_id} of agent "
+                           f"{d.agent_app_id} and also the agent {ident}; use the other "
+                           f"agent's deploymentId instead", "id", 409)
         return d
     d = store.current(ident)
     if d is not None:
@@ -113,5 +121,10 @@ class Actions:
                 store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)
             if purge:  # also after an earlier plain remove: its files are still there
                 purged = ownership.purge(core.cfg, store, core.venvs, core.logger, d)
+                if not any(x.agent_app_id == agent and x.org_id == d.org_id
+                           for x in ownership.keepers(store, d.deployment_id)):
+                    # the org's last deployment of the agent: its state goes too (the unit
+                    # is stopped); another org's deploy never sees it (par.agent_state)
+                    purged += agent_state.clear(agent, d.org_id)
         return {"deleted": d.deployment_id, "agentAppId": agent, "purged": purged,
                 "alreadyRemoved": already}

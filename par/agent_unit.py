@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import layout
+from par import agent_isolation, layout
 from par.agent_host.par_agent_host import exitcodes
+from par.agent_state import state_directory
 from par.config import Config
 from par.fsutil import write_if_changed
 from par.host_files import HOST_SOURCE
@@ -79,11 +80,6 @@ def dynamic_user_name(agent_id: str) -> str:
         return name
     digest = hashlib.sha256(agent_id.encode()).hexdigest()[:8]
     return f"par-{agent_id[:18]}-{digest}"
-
-
-def state_directory(agent_id: str) -> str:
-    """The agent's writable folder, relative to /var/lib (systemd StateDirectory=)."""
-    return f"par-agent/{agent_id}"
 
 
 def spec_path(package_root: Path) -> Path:
@@ -168,7 +164,7 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # the venv is read-only to the agent; bytecode was compiled at build time
         "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": f"/var/lib/{state_directory(launch.agent_id)}",
+        "HOME": f"/var/lib/{state_directory(launch.agent_id, launch.org_id)}",
         # the host drains before systemd's SIGKILL and gives up before its start timeout
         "PAR_STOP_TIMEOUT": str(max(1, stop_timeout - 2)),
         "PAR_READY_TIMEOUT": str(max(5, cfg.agents.boot_timeout_s - 5)),
@@ -179,6 +175,7 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
     """The transient unit for `launch`, sandboxed per docs/security.md."""
     stop_timeout = effective_stop_timeout(cfg, launch.stop_timeout_s)
     state = cfg.paths.state_dir
+    limits = agent_isolation.limits(cfg, launch.memory_mb, launch.cpu_units)
     return UnitSpec(
         name=unit_name(launch.agent_id),
         description=f"PAR agent {launch.name} {launch.version} (deployment {launch.deployment_id})",
@@ -196,16 +193,19 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         restart_prevent_exit_status=HOST_PERMANENT_EXIT,
         log_fields={"PAR_AGENT_APP_ID": launch.agent_id, "PAR_DEPLOYMENT_ID": launch.deployment_id},
         syslog_identifier=f"par-agent-{launch.agent_id}",
-        memory_max_bytes=launch.memory_mb * 1024 * 1024 if launch.memory_mb else None,
-        cpu_quota=launch.cpu_units / 1024 if launch.cpu_units else None,
+        memory_max_bytes=limits.memory_max_bytes,
+        cpu_quota=limits.cpu_quota,
+        tasks_max=limits.tasks_max,
         dynamic_user=dynamic_user_name(launch.agent_id),
-        state_directory=state_directory(launch.agent_id),
+        state_directory=state_directory(launch.agent_id, launch.org_id),
         # The agent sees PAR's state and cache as empty read-only folders, except
         # its own package, venv (and the layer it links) and the host, bound back read-only.
         hide_paths=(str(state), str(cfg.paths.cache_dir)),
+        tmpfs=agent_isolation.private_tmpfs(cfg),
         # The host too: wherever PAR is installed (a checkout under /tmp, say), the
         # agent's private /tmp or hidden folders must not hide it.
         read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir),
                          *([str(launch.layer_path)] if launch.layer_path else [])),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
+        extra=agent_isolation.network_properties(cfg, launch.ports),
     )

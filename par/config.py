@@ -10,6 +10,7 @@ type, and `pard` refuses to start with it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ class Agents:
     start_limit_burst: int = setting(
         5, "Starts allowed within start_limit_interval_s before the unit stays failed.")
     start_limit_interval_s: int = setting(60, "Window, in seconds, for start_limit_burst.")
+    memory_max_mb: int | None = setting(
+        2048, "MemoryMax= of an agent whose deploy gives no memoryMB; null = no limit.")
+    cpu_quota_percent: int | None = setting(
+        200, "CPUQuota= (100 = one CPU) of an agent whose deploy gives no cpuUnits; null = none.")
+    tasks_max: int = setting(512, "Most processes and threads one agent may have (TasksMax=).")
+    shm_size_mb: int = setting(64, "Size of each agent's private /dev/shm, in MiB.")
+    ip_address_deny: list[str] = setting(
+        factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
+        doc="Addresses agents may not reach (IPAddressDeny=); default: cloud metadata services.")
 
 
 @dataclass(frozen=True)
@@ -224,10 +234,23 @@ def _check(cfg: Config) -> None:
         "limits.max_unpacked_bytes": cfg.limits.max_unpacked_bytes,
         "limits.max_ratio": cfg.limits.max_ratio,
         "listen.max_body_bytes": cfg.listen.max_body_bytes,
+        "agents.tasks_max": cfg.agents.tasks_max,
+        "agents.shm_size_mb": cfg.agents.shm_size_mb,
+        # None (no limit) is allowed; 0 or less is not
+        "agents.memory_max_mb": 1 if cfg.agents.memory_max_mb is None else cfg.agents.memory_max_mb,
+        "agents.cpu_quota_percent":
+            1 if cfg.agents.cpu_quota_percent is None else cfg.agents.cpu_quota_percent,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value!r}", key)
+    for i, net in enumerate(cfg.agents.ip_address_deny):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            key = f"agents.ip_address_deny[{i}]"
+            raise ConfigError(f"{key}: expected an address or CIDR network, got {net!r}",
+                              key) from None
 
 
 def from_dict(raw: object) -> Config:

@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -60,17 +61,39 @@ def prepare_dirs(cfg: config.Config) -> None:
 
 
 def read_token(path: Path) -> str:
-    """The TCP bearer token; refuse to serve TCP without a non-empty one."""
+    """The TCP bearer token; refuse to serve TCP without a non-empty, root-only one.
+
+    A token other local users can read (group/world bits) or change (not owned by
+    root) would let them act as the control plane, so such a file is refused.
+    """
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        with path.open("rb") as fh:
+            info = os.fstat(fh.fileno())  # the file read, not a path swapped meanwhile
+            raw = fh.read()
     except OSError as exc:
         raise ParError("token_missing",
                        f"listen.tcp is set but the token file {path} cannot be read "
                        f"({exc.strerror})",
                        "listen.token_file") from exc
+    check_token_file_mode(path, info.st_mode, info.st_uid)
+    token = raw.decode("utf-8", "replace").strip()
     if not token:
         raise ParError("token_missing", f"token file {path} is empty", "listen.token_file")
     return token
+
+
+def check_token_file_mode(path: Path, mode: int, uid: int) -> None:
+    """Refuse a token file that is group- or world-accessible or not owned by root."""
+    if uid != 0:
+        raise ParError("token_unsafe",
+                       f"token file {path} is owned by uid {uid}, not root; "
+                       f"fix: chown root:root {path} && chmod 600 {path}",
+                       "listen.token_file")
+    if mode & 0o077:
+        raise ParError("token_unsafe",
+                       f"token file {path} has mode {stat.S_IMODE(mode):04o}: group or others "
+                       f"may read or write it; fix: chmod 600 {path}",
+                       "listen.token_file")
 
 
 class Daemon:
@@ -182,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                   message=exc.message, field=exc.field)
         daemon.stop()
         return EXIT_REFUSED if exc.code in ("store_corrupt", "store_too_new", "token_missing",
+                                            "token_unsafe",
                                             "config_invalid") else EXIT_FAILURE
     except Exception:
         logger.exception("pard failed to start")

@@ -188,6 +188,9 @@ def _ui_path(root: Path, value: object) -> str:
     # resolve() follows symlinks: a link pointing outside the package is refused too.
     if folder != real_root and real_root not in folder.parents:
         raise _invalid(key, f"{value!r} must be a folder inside the package")
+    if folder == real_root:
+        # it would serve agent.yaml, .env and the sources over HTTP
+        raise _invalid(key, f"{value!r} is the package root; put the UI in a subfolder (ui/)")
     if not folder.is_dir():
         raise _invalid(key, f"{value!r} is not a folder in the package")
     if not (folder / "index.html").is_file():

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import layout
+from par import agent_state, layout
 from par import ports as portalloc
 from par.agent_unit import (
     AgentLaunch,
@@ -182,6 +182,9 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
 
     `current`: the unit's status if the caller just read it."""
     spec = unit_spec(core.cfg, launch)
+    current_org = getattr(core.store.current(launch.agent_id), "org_id", launch.org_id)
+    if current_org == launch.org_id:  # a pre-0.x state folder is that org's, no other's
+        agent_state.migrate_legacy(launch.agent_id, launch.org_id)
     write_host_spec(launch)  # what the host serves (unchanged ones are not rewritten)
     write_env_file(core.cfg, launch)  # its secrets, read by PID 1 at every (re)start
     started = time.time()

@@ -28,32 +28,11 @@ from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES
 
 from par import ids
 from par.errors import ParError
+from par.unit_signatures import EXTRA_SIGNATURES
 
 UNIT_PREFIX = "par-agent@"
 UNIT_SUFFIX = ".service"
 
-# Properties pystemd 0.11 does not know, with their D-Bus signatures
-# (checked against systemd 252's org.freedesktop.systemd1.Service interface).
-EXTRA_SIGNATURES: dict[bytes, bytes] = {
-    b"Restart": b"s",
-    b"RestartUSec": b"t",
-    b"LogExtraFields": b"aay",
-    b"StartLimitBurst": b"u",
-    b"StartLimitIntervalUSec": b"t",
-    b"ProtectKernelLogs": b"b",
-    b"ProtectClock": b"b",
-    b"ProtectHostname": b"b",
-    b"RestrictSUIDSGID": b"b",
-    b"RestrictNamespaces": b"t",
-    b"RestrictAddressFamilies": b"(bas)",
-    b"CapabilityBoundingSet": b"t",
-    b"AmbientCapabilities": b"t",
-    b"ProtectProc": b"s",
-    b"ProcSubset": b"s",
-    b"UMask": b"u",
-    b"OOMPolicy": b"s",
-    b"SystemCallErrorNumber": b"i",
-}
 SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
 
 def unit_name(agent_id: str) -> str:
@@ -91,11 +70,13 @@ class UnitSpec:
     syslog_identifier: str | None = None
     memory_max_bytes: int | None = None
     cpu_quota: float | None = None  # 1.0 = one CPU
+    tasks_max: int | None = None
     watchdog_s: float | None = None
     # Sandboxing: None = run as root without it (only for PAR's own tests of units).
     dynamic_user: str | None = None
     state_directory: str | None = None
     hide_paths: tuple[str, ...] = ()  # TemporaryFileSystem (read-only, empty) over these
+    tmpfs: tuple[tuple[str, str], ...] = ()  # more TemporaryFileSystem= (path, options)
     read_only_binds: tuple[str, ...] = ()  # then bind these back, read-only
     inaccessible_paths: tuple[str, ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
@@ -138,6 +119,8 @@ def properties(spec: UnitSpec) -> dict[bytes, object]:
         p["MemoryMax"] = spec.memory_max_bytes
     if spec.cpu_quota:
         p["CPUQuotaPerSecUSec"] = int(spec.cpu_quota * 1_000_000)
+    if spec.tasks_max:
+        p["TasksMax"] = spec.tasks_max
     if spec.watchdog_s:
         p["WatchdogUSec"] = int(spec.watchdog_s * 1_000_000)
     if spec.dynamic_user:
@@ -172,6 +155,8 @@ def _sandboxing(spec: UnitSpec) -> dict[str, object]:
         "RestrictNamespaces": 0,  # no namespace types allowed
         "LockPersonality": True,
         "RemoveIPC": True,
+        # SysV IPC and POSIX message queues of its own (no other agent's segments)
+        "PrivateIPC": True,
         "CapabilityBoundingSet": 0,
         "AmbientCapabilities": 0,
         "RestrictAddressFamilies": (True, ["AF_UNIX", "AF_INET", "AF_INET6"]),
@@ -183,8 +168,8 @@ def _sandboxing(spec: UnitSpec) -> dict[str, object]:
     }
     if spec.state_directory:
         p["StateDirectory"] = [spec.state_directory]
-    if spec.hide_paths:
-        p["TemporaryFileSystem"] = [(path, "ro") for path in spec.hide_paths]
+    if spec.hide_paths or spec.tmpfs:
+        p["TemporaryFileSystem"] = [(path, "ro") for path in spec.hide_paths] + list(spec.tmpfs)
     if spec.read_only_binds:
         p["BindReadOnlyPaths"] = [(path, path, False, 0) for path in spec.read_only_binds]
     if spec.inaccessible_paths:

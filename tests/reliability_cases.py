@@ -436,6 +436,7 @@ def running_pard(tag: str, config_extra: dict | None = None, *, tcp: bool = True
         if token_file is None:
             token_file = p.root / "token"
             token_file.write_text(TEST_TOKEN + "\n")
+            token_file.chmod(0o600)  # pard refuses a token others can read
         p.config_extra.setdefault("listen", {}).update(
             {"tcp": f"127.0.0.1:{free_port()}", "token_file": str(token_file)})
     p.start()

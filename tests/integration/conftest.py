@@ -64,6 +64,7 @@ def pard():
     p = Pard(new_root("pard"), config_extra={"listen": {"tcp": f"127.0.0.1:{free_port()}"}})
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "token").write_text(TEST_TOKEN + "\n")
+    (p.root / "token").chmod(0o600)  # pard refuses a token others can read
     p.config_extra["listen"]["token_file"] = str(p.root / "token")
     try:
         p.start()

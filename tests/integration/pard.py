@@ -149,7 +149,8 @@ class Pard:
         except OSError:
             pass
         # agents' StateDirectory= folders (DynamicUser keeps them under /var/lib/private)
-        for base in (Path("/var/lib/private/par-agent"), Path("/var/lib/par-agent")):
+        for base in (Path("/var/lib/private/par-agent"), Path("/var/lib/par-agent"),
+                     Path("/var/lib/private/par-agents"), Path("/var/lib/par-agents")):
             shutil.rmtree(base, ignore_errors=True)
         self.remove_unit_dirs()
 

@@ -321,7 +321,8 @@ def test_agent_other_agent(world: World) -> None:
     home_b = world.invoke(b, op="env", name="HOME")["value"]
     assert world.invoke(b, op="write", path=f"{home_b}/mine")["ok"]
     state = world.pard.state
-    for path in (f"{home_b}/mine", "/var/lib/private/par-agent/sc-b/mine",
+    private_b = home_b.replace("/var/lib/", "/var/lib/private/", 1)
+    for path in (f"{home_b}/mine", f"{private_b}/mine",
                  f"{state}/extracted/{key(b)}/src/main.py",
                  f"{state}/venvs/{b['venv']}/pyvenv.cfg"):
         assert refused(world.invoke(a, op="read", path=path)), path

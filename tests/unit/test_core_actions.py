@@ -177,3 +177,18 @@ def test_remove_purge_keeps_files_another_deployment_uses(core_env: CoreEnv) -> 
     assert e.actions.remove("d1", purge=True)["purged"] == []
     assert e.files() == files
     assert e.store.get("d2").current and e.fake.unit(AGENT) is not None
+
+
+def test_resolve_refuses_an_id_that_names_two_agents(core_env: CoreEnv) -> None:
+    """Attack 12: a deploymentId equal to another agent's agentAppId stopped the wrong one."""
+    e = core_env
+    deployed(e, "d1")
+    # agent "victim" is deployed with deploymentId "agent-x"; an agent "agent-x" exists too
+    e.deploy("agent-x", e.package("p-v"), agent="victim")
+    e.deploy("x-1", e.package("p-x"), agent="agent-x")
+    with pytest.raises(ParError) as err:
+        resolve(e.store, "agent-x")
+    assert err.value.code == "ambiguous_id" and err.value.status == 409
+    assert "victim" in err.value.message and "agent-x" in err.value.message
+    assert resolve(e.store, "x-1").agent_app_id == "agent-x"
+    assert resolve(e.store, "victim").deployment_id == "agent-x"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from par import agent_unit, ids, ports
+from par import agent_state, agent_unit, ids, ports
 from par.agent_host.par_agent_host import exitcodes
 from par.config import Config, Ports, with_state_dir
 from par.errors import ParError
@@ -63,7 +63,7 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert props[b"MemoryMax"] == 256 * 1024 * 1024
     assert props[b"CPUQuotaPerSecUSec"] == 500_000  # 512 units = half a CPU
     assert props[b"DynamicUser"] is True and props[b"User"] == "par-hello"
-    assert props[b"StateDirectory"] == ["par-agent/hello"]
+    assert props[b"StateDirectory"] == [f"par-agents/{agent_state.org_key('org')}/hello"]
     # the host's permanent failures, by the host's own numbers
     assert props[b"RestartPreventExitStatus"] == (list(exitcodes.PERMANENT), [])
     assert exitcodes.EXIT_SURFACE_FAILED not in exitcodes.PERMANENT  # that one may retry

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from .exitcodes import EXIT_BAD_ENTRY, HostError
 from .httpserver import HttpSurface
@@ -16,6 +17,14 @@ from .httpserver import HttpSurface
 
 class _UiHandler(SimpleHTTPRequestHandler):
     server_version = "par-agent-host"
+
+    def send_head(self):  # as http.server: a file object, or None once answered
+        # No dotfile or dot-folder (.env, .git, .pixell): 404 as if absent.
+        path = unquote(urlsplit(self.path).path)
+        if any(part.startswith(".") for part in path.replace("\\", "/").split("/")):
+            self.send_error(404, "File not found")
+            return None
+        return super().send_head()
 
     def log_request(self, code="-", size="-") -> None:
         pass
@@ -27,6 +36,9 @@ def ui_folder(package_root: Path, ui_path: str) -> Path:
     folder = (root / ui_path).resolve()
     if folder != root and root not in folder.parents:
         raise HostError(EXIT_BAD_ENTRY, f"ui path {ui_path!r} points outside the package")
+    if folder == root:
+        raise HostError(EXIT_BAD_ENTRY, f"ui path {ui_path!r} is the package root (it would "
+                        "serve .env and the sources); use a subfolder")
     if not (folder / "index.html").is_file():
         raise HostError(EXIT_BAD_ENTRY, f"ui path {ui_path!r} has no index.html ({folder})")
     return folder

@@ -1,0 +1,323 @@
+"""The confirmed attacks of docs/security.md ("Confirmed attacks"), each tried again
+against real systemd: every test reproduces the attack and checks it no longer works.
+
+Agents here are tiny stdlib packages (`attacker`): POST /invoke runs one probe as the
+agent's own user.  Ids start with `atk-`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from par import agent_isolation
+from tests.integration.pard import (
+    TEST_TOKEN,
+    Pard,
+    apkg_with,
+    free_port,
+    new_root,
+    sh,
+)
+
+from . import agents
+
+# An address the module's pard denies as it denies the cloud metadata service, with a
+# listener the test runs: the sandbox has no 169.254.169.254 to refuse a connection.
+DENIED_TEST_ADDRESS = "127.0.0.77"
+
+ATTACKER_MAIN = textwrap.dedent('''
+    import os, socket
+
+    def handler(ctx):
+        op = ctx.get("op")
+        try:
+            if op == "bind":
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", int(ctx["port"])))
+                s.listen()
+                _held.append(s)
+                return {"ok": True}
+            if op == "connect":
+                s = socket.socket(socket.AF_INET6 if ":" in ctx["host"] else socket.AF_INET)
+                s.settimeout(float(ctx.get("timeout", 2)))
+                s.connect((ctx["host"], int(ctx["port"])))
+                s.close()
+                return {"ok": True}
+            if op == "write":
+                with open(ctx["path"], "w") as fh:
+                    fh.write(ctx.get("data", "x"))
+                return {"ok": True}
+            if op == "read":
+                with open(ctx["path"]) as fh:
+                    return {"ok": True, "data": fh.read()}
+            if op == "listdir":
+                return {"ok": True, "entries": sorted(os.listdir(ctx["path"]))}
+            if op == "env":
+                return {"ok": True, "value": os.environ.get(ctx["name"])}
+            return {"ok": False, "error": "unknown op"}
+        except (OSError, ValueError) as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    _held = []
+''')
+
+
+def attacker(name: str) -> dict[str, str]:
+    return {"agent.yaml": agents.manifest(name), "src/main.py": ATTACKER_MAIN}
+
+
+def invoke(agent_port: int, /, **body: object) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{agent_port}/invoke",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return json.loads(r.read())
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    out = sh("systemctl", "show", unit, *[f"-p{p}" for p in props]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.fixture(scope="module")
+def pard() -> Iterator[Pard]:
+    p = Pard(new_root("atk"), config_extra={
+        "listen": {"tcp": f"127.0.0.1:{free_port()}"},
+        "agents": {"ip_address_deny": ["169.254.169.254/32", "fd00:ec2::254/128",
+                                       f"{DENIED_TEST_ADDRESS}/32"]},
+    })
+    p.root.mkdir(parents=True, exist_ok=True)
+    token = p.root / "token"
+    token.write_text(TEST_TOKEN + "\n")
+    token.chmod(0o600)
+    p.config_extra["listen"]["token_file"] = str(token)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.teardown()
+
+
+def deployed(pard: Pard, agent_id: str, org: str = "org-test", **kw) -> dict:
+    apkg = apkg_with(pard.root / "apkg", attacker(agent_id))
+    d = pard.deploy(agent_id, apkg, orgId=org, **kw)
+    assert d["status"] == "healthy", json.dumps(d, indent=1) + pard.journal(
+        f"par-agent@{agent_id}.service")
+    return d
+
+
+# ---------------------------------------------------------------- 11
+
+
+def test_attack_11_world_readable_token_is_refused() -> None:
+    """pard served TCP with a 0644 token `nobody` could read: now it refuses to start."""
+    p = Pard(new_root("atk11"), config_extra={"listen": {"tcp": f"127.0.0.1:{free_port()}"}})
+    p.root.mkdir(parents=True, exist_ok=True)
+    token = p.root / "token"
+    token.write_text(TEST_TOKEN + "\n")
+    token.chmod(0o644)
+    p.config_extra["listen"]["token_file"] = str(token)
+    try:
+        p.write_config()
+        p.install_unit()
+        sh("systemctl", "reset-failed", "par.service", check=False)
+        assert sh("systemctl", "start", "par.service", check=False, timeout=60).returncode != 0
+        journal = p.journal()
+        assert "token_unsafe" in journal and str(token) in journal
+        assert "0644" in journal and "chmod 600" in journal
+        # nothing listens on the TCP port
+        host, port = p.config_extra["listen"]["tcp"].split(":")
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(1)
+            s.connect((host, int(port)))
+        token.chmod(0o600)
+        p.start()
+        assert p.client().daemon_health()
+    finally:
+        p.teardown()
+
+
+# ---------------------------------------------------------------- 6
+
+
+def test_attack_6_agent_cannot_take_another_agents_port(pard: Pard) -> None:
+    """Agent A bound B's REST port while B restarted.  Each unit may now bind only its
+    own ports (SocketBindAllow=, SocketBindDeny=any).  systemd enforces these only when
+    built with +BPF_FRAMEWORK, which Debian 12's 252 is not: there the test shows the
+    properties and records the attack as still open (xfail)."""
+    a = deployed(pard, "atk-port-a")
+    b = deployed(pard, "atk-port-b")
+    props = show("par-agent@atk-port-b.service", "SocketBindAllow", "SocketBindDeny")
+    # systemctl 252 prints "tcp18101" for tcp:18101
+    assert props["SocketBindAllow"].replace(":", "") == f"tcp{b['ports']['rest']}", props
+    assert props["SocketBindDeny"] == "any", props
+    pard.client().action(b["deploymentId"], "stop")
+    try:
+        res = invoke(a["ports"]["rest"], op="bind", port=b["ports"]["rest"])
+        features = sh("systemctl", "--version").stdout
+        if res["ok"] and not agent_isolation.bind_filter_enforced(features):
+            pytest.xfail("systemd lacks +BPF_FRAMEWORK: SocketBindDeny= is not enforced here")
+        assert not res["ok"], res
+        assert "Permission" in res["error"] or "Errno 1" in res["error"], res
+    finally:
+        pard.client().delete(a["deploymentId"], purge=True)
+        pard.client().action(b["deploymentId"], "start")
+        pard.client().delete(b["deploymentId"], purge=True)
+
+
+# ---------------------------------------------------------------- 8
+
+
+class _Listener:
+    """A TCP listener on `host` (loopback) for the duration of a test."""
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_attack_8_metadata_ipc_and_shm_are_closed(pard: Pard) -> None:
+    """Agents reached 169.254.169.254 and shared /dev/shm and /run/lock."""
+    a = deployed(pard, "atk-net-a")
+    b = deployed(pard, "atk-net-b")
+    pa, pb = a["ports"]["rest"], b["ports"]["rest"]
+    unit = "par-agent@atk-net-a.service"
+    props = show(unit, "IPAddressDeny", "PrivateIPC", "TemporaryFileSystem")
+    assert "169.254.169.254/32" in props["IPAddressDeny"], props
+    assert "fd00:ec2::254/128" in props["IPAddressDeny"], props
+    assert props["PrivateIPC"] == "yes"
+    assert "/dev/shm:" in props["TemporaryFileSystem"], props
+    assert "/run/lock:ro" in props["TemporaryFileSystem"], props
+    # a denied address is unreachable, an allowed one next to it is not
+    denied, allowed = _Listener(DENIED_TEST_ADDRESS), _Listener("127.0.0.78")
+    try:
+        assert invoke(pa, op="connect", host="127.0.0.78", port=allowed.port)["ok"]
+        res = invoke(pa, op="connect", host=DENIED_TEST_ADDRESS, port=denied.port, timeout=2)
+        assert not res["ok"], res
+    finally:
+        denied.close()
+        allowed.close()
+    # /dev/shm is the agent's own; /run/lock is empty and read-only
+    assert invoke(pa, op="write", path="/dev/shm/atk-secret", data="a")["ok"]
+    assert invoke(pa, op="read", path="/dev/shm/atk-secret")["data"] == "a"
+    assert not invoke(pb, op="read", path="/dev/shm/atk-secret")["ok"]
+    assert "atk-secret" not in invoke(pb, op="listdir", path="/dev/shm")["entries"]
+    assert not Path("/dev/shm/atk-secret").exists()
+    assert not invoke(pa, op="write", path="/run/lock/atk-lock")["ok"]
+    assert invoke(pa, op="listdir", path="/run/lock")["entries"] == []
+    for d in (a, b):
+        pard.client().delete(d["deploymentId"], purge=True)
+
+
+# ---------------------------------------------------------------- 10
+
+
+def test_attack_10_default_limits(pard: Pard) -> None:
+    """Without request values units had MemoryMax=infinity, no CPU quota, TasksMax=28908."""
+    d = deployed(pard, "atk-limits")
+    props = show("par-agent@atk-limits.service", "MemoryMax", "CPUQuotaPerSecUSec", "TasksMax")
+    assert props == {"MemoryMax": str(2048 * 1024 * 1024), "CPUQuotaPerSecUSec": "2s",
+                     "TasksMax": "512"}, props
+    pard.client().delete(d["deploymentId"], purge=True)
+    d = deployed(pard, "atk-limits", memoryMB=300, cpuUnits=512)
+    props = show("par-agent@atk-limits.service", "MemoryMax", "CPUQuotaPerSecUSec")
+    assert props == {"MemoryMax": str(300 * 1024 * 1024), "CPUQuotaPerSecUSec": "500ms"}, props
+    pard.client().delete(d["deploymentId"], purge=True)
+
+
+# ---------------------------------------------------------------- 9
+
+
+def test_attack_9_state_survives_neither_purge_nor_another_org(pard: Pard) -> None:
+    """After `rm --purge`, a new deployment of the agentAppId (even from another org) read
+    the old one's state folder."""
+    first = deployed(pard, "atk-state", org="org-one")
+    port = first["ports"]["rest"]
+    home = invoke(port, op="env", name="HOME")["value"]
+    assert invoke(port, op="write", path=f"{home}/secret", data="org-one")["ok"]
+    # another org deploys the same agentAppId without any purge: another folder
+    other = deployed(pard, "atk-state", org="org-two")
+    port = other["ports"]["rest"]
+    other_home = invoke(port, op="env", name="HOME")["value"]
+    assert other_home != home
+    assert not invoke(port, op="read", path=f"{other_home}/secret")["ok"]
+    assert not invoke(port, op="read", path=f"{home}/secret")["ok"]
+    pard.client().delete(other["deploymentId"], purge=True)
+    # the first org again, then purged: a fresh deploy of that org starts empty
+    again = deployed(pard, "atk-state", org="org-one")
+    port = again["ports"]["rest"]
+    assert invoke(port, op="read", path=f"{home}/secret")["data"] == "org-one"
+    purged = pard.client().delete(again["deploymentId"], purge=True)["purged"]
+    assert any(p.endswith("/atk-state") for p in purged), purged
+    fresh = deployed(pard, "atk-state", org="org-one")
+    res = invoke(fresh["ports"]["rest"], op="read", path=f"{home}/secret")
+    assert not res["ok"], res
+    pard.client().delete(fresh["deploymentId"], purge=True)
+    assert not list(Path("/var/lib/private/par-agents").glob("*/atk-state"))
+
+
+# ---------------------------------------------------------------- 7
+
+
+def test_attack_7_deleted_queued_deploys_stay_deleted(pard: Pard) -> None:
+    """A DELETE of a queued deploy was undone when its worker ran it."""
+    n = 50
+    apkg = apkg_with(pard.root / "apkg", attacker("atk-q"))
+    ids = [f"atk-q{i:02d}" for i in range(n)]
+    accepted: dict[str, str] = {}
+    deleted: set[str] = set()
+    lock = threading.Lock()
+
+    def one(i: int, agent: str) -> None:
+        did = f"{agent}-d"
+        body = {"deploymentId": did, "agentAppId": agent, "orgId": "org-test",
+                "version": "1.0.0", "packageUrl": f"file://{apkg}"}
+        res = pard.client().deploy(body)
+        with lock:
+            accepted[agent] = res["deploymentId"]
+        if i % 2 == 0:
+            pard.client().delete(did, purge=True)
+            with lock:
+                deleted.add(agent)
+
+    threads = [threading.Thread(target=one, args=(i, a)) for i, a in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(accepted) == n and len(deleted) == n // 2
+    kept = [a for a in ids if a not in deleted]
+    for agent in kept:
+        assert pard.wait(f"{agent}-d", timeout=300)["status"] == "healthy"
+    for agent in deleted:
+        d = pard.client().deployment(f"{agent}-d")
+        assert d["status"] == "removed" and not d.get("current"), d
+        st = show(f"par-agent@{agent}.service", "ActiveState", "MainPID")
+        assert st["ActiveState"] == "inactive" and st["MainPID"] == "0", (agent, st)
+    listed = {x["agentAppId"] for x in pard.client().agents()["agents"]}
+    assert not listed & deleted and set(kept) <= listed
+    for agent in kept:
+        pard.client().delete(f"{agent}-d", purge=True)
