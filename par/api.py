@@ -29,7 +29,14 @@ from par import ids
 from par.config import Config
 from par.deploy_request import DeployRequest, parse_deploy_request
 from par.errors import ParError
-from par.http_server import Endpoint, HttpServer, MethodNotAllowed, Request, Response
+from par.http_server import (
+    ConnectionLimits,
+    Endpoint,
+    HttpServer,
+    MethodNotAllowed,
+    Request,
+    Response,
+)
 from par.store import STATUSES
 
 ACTIONS = ("stop", "start", "restart")
@@ -315,4 +322,9 @@ class ApiServer(HttpServer):
     """Serves the API for `service` on a unix socket and/or TCP, each in its own thread."""
 
     def __init__(self, service: Service, cfg: Config, logger: logging.Logger) -> None:
-        super().__init__(functools.partial(endpoint, service), cfg.listen.max_body_bytes, logger)
+        lim = cfg.listen
+        super().__init__(
+            functools.partial(endpoint, service), lim.max_body_bytes, logger,
+            unix_limits=ConnectionLimits(lim.max_unix_connections, None, lim.request_deadline_s),
+            tcp_limits=ConnectionLimits(lim.max_tcp_connections, lim.max_tcp_connections_per_ip,
+                                        lim.request_deadline_s))

@@ -58,6 +58,18 @@ class Listen:
         Path("/etc/par/token"),
         "File holding the bearer token TCP clients must send; required when tcp is set.")
     max_body_bytes: int = setting(1024 * 1024, "Largest request body accepted, in bytes.")
+    max_tcp_connections: int = setting(
+        256, "Most TCP connections served at once; more are closed at once.")
+    max_tcp_connections_per_ip: int = setting(
+        16, "Most TCP connections one client address may hold at once.")
+    max_unix_connections: int = setting(
+        64, "Most unix-socket connections served at once (a budget of its own: TCP clients "
+        "cannot use it up).")
+    request_deadline_s: float = setting(
+        15.0, "Seconds a connection has to send a whole request (line, headers, body), "
+        "idle wait included; slower ones are dropped.")
+    max_long_polls: int = setting(
+        32, "Most GET ...?wait= requests held at once; beyond it they answer at once.")
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,11 @@ def _check(cfg: Config) -> None:
         "limits.max_unpacked_bytes": cfg.limits.max_unpacked_bytes,
         "limits.max_ratio": cfg.limits.max_ratio,
         "listen.max_body_bytes": cfg.listen.max_body_bytes,
+        "listen.max_tcp_connections": cfg.listen.max_tcp_connections,
+        "listen.max_tcp_connections_per_ip": cfg.listen.max_tcp_connections_per_ip,
+        "listen.max_unix_connections": cfg.listen.max_unix_connections,
+        "listen.request_deadline_s": cfg.listen.request_deadline_s,
+        "listen.max_long_polls": cfg.listen.max_long_polls,
         "agents.tasks_max": cfg.agents.tasks_max,
         "agents.shm_size_mb": cfg.agents.shm_size_mb,
         # None (no limit) is allowed; 0 or less is not

@@ -8,7 +8,12 @@ Choices worth knowing:
 - HTTP/1.1 with keep-alive.  Every answer carries Content-Length; after an
   answer sent without reading the body (401, 411, 413, bad Content-Length) the
   connection is closed so the unread bytes are never taken for a request.
-  An idle or slow connection is dropped after `IDLE_TIMEOUT_S`.
+  An idle or slow connection is dropped after `IDLE_TIMEOUT_S`, and a request
+  must arrive whole (line, headers, body) within its deadline: a reaper thread
+  shuts down connections past it, however slowly they trickle bytes.
+- Connections are capped per listener (TCP and the unix socket have budgets of
+  their own) and, on TCP, per client address; one over a cap is closed at once,
+  before a thread is spent on it.
 - TCP checks the bearer token before anything else (also for unknown paths,
   which therefore answer 401, not 404) and before reading a single body byte.
 - Bodies without Content-Length (chunked) are refused with 411; a body larger
@@ -40,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from par.errors import ParError
@@ -47,6 +53,7 @@ from par.log import event
 
 IDLE_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.1  # how quickly serve_forever notices shutdown()
+REAP_INTERVAL_S = 0.25  # how often late requests are looked for
 # After answering without reading the body, drop at most this much of it (for at
 # most LINGER_S) before closing: closing on unread data sends a TCP reset, which
 # can destroy our answer before the client reads it.
@@ -135,6 +142,15 @@ Resolver = Callable[[str, str], Endpoint]
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """How much of pard one listener's clients may hold."""
+
+    max_connections: int = 256
+    max_per_address: int | None = None  # TCP: per client address; None: no such cap
+    request_deadline_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class _Settings:
     """What a request handler needs, attached to its server."""
 
@@ -142,7 +158,61 @@ class _Settings:
     logger: logging.Logger
     max_body: int
     local: bool
+    limits: ConnectionLimits = ConnectionLimits()
     token: bytes | None = field(default=None, repr=False)
+
+
+class _Connections:
+    """The connections a server holds: counted per client address, each with the
+    deadline its current request must arrive by (None while an answer is made)."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._per_address: dict[str, int] = {}
+        self._deadlines: dict[socket.socket, float | None] = {}
+
+    def admit(self, conn: socket.socket, address: str) -> bool:
+        """Count `conn` in, or False when a cap is reached (the caller closes it)."""
+        with self._lock:
+            if len(self._deadlines) >= self.limits.max_connections:
+                return False
+            held = self._per_address.get(address, 0)
+            if self.limits.max_per_address is not None and held >= self.limits.max_per_address:
+                return False
+            self._per_address[address] = held + 1
+            self._deadlines[conn] = None
+            return True
+
+    def release(self, conn: socket.socket, address: str) -> None:
+        """Count `conn` out (its handler is done)."""
+        with self._lock:
+            if conn not in self._deadlines:
+                return  # never admitted
+            del self._deadlines[conn]
+            left = self._per_address.get(address, 1) - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                self._per_address.pop(address, None)
+
+    def arm(self, conn: socket.socket) -> None:
+        """The next request must have arrived whole within the deadline."""
+        with self._lock:
+            if conn in self._deadlines:
+                self._deadlines[conn] = time.monotonic() + self.limits.request_deadline_s
+
+    def disarm(self, conn: socket.socket) -> None:
+        """The request has arrived: making its answer may take as long as it takes."""
+        with self._lock:
+            if conn in self._deadlines:
+                self._deadlines[conn] = None
+
+    def overdue(self) -> list[socket.socket]:
+        """The connections whose request is late."""
+        now = time.monotonic()
+        with self._lock:
+            return [c for c, d in self._deadlines.items() if d is not None and d <= now]
 
 
 class _Server(ThreadingHTTPServer):
@@ -155,10 +225,35 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: str | tuple[str, int], settings: _Settings) -> None:
         self.settings = settings
+        self.connections = _Connections(settings.limits)
         if isinstance(address, tuple) and ":" in address[0]:
             self.address_family = socket.AF_INET6
         # typeshed types TCPServer's address as (host, port); _UnixServer passes a path
         super().__init__(address, _Handler)  # type: ignore[arg-type]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Over a cap: closed before a thread is spent on it (a flood of slow clients
+        # must not take every thread and file descriptor pard has).
+        if not self.connections.admit(request, str(client_address[0])):
+            event(self.settings.logger, "API connection refused: too many", logging.WARNING,
+                  client=str(client_address[0]), local=self.settings.local)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request, str(client_address[0]))
+
+    def reap(self) -> None:
+        """Cut the connections whose request did not arrive in time."""
+        for conn in self.connections.overdue():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns at once
+            except OSError:
+                pass
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the FQDN, which can stall on DNS at boot.
@@ -225,6 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return "pard"
 
+    def handle_one_request(self) -> None:
+        self.server.connections.arm(self.connection)
+        super().handle_one_request()
+
     def parse_request(self) -> bool:
         self._t0 = time.monotonic()
         return super().parse_request()
@@ -260,6 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._authorize(settings.token)
         endpoint = settings.resolve(self.command, self.path)
         body = self._read_body(settings.max_body, endpoint.needs_body)
+        self.server.connections.disarm(self.connection)
         raw_query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
         query = {key: values[-1] for key, values in raw_query.items()}
         req = Request(
@@ -436,15 +536,22 @@ class HttpServer:
     """Serves what `resolve` routes to on a unix socket and/or TCP, each in its own thread.
 
     `max_body`: the largest request body read, in bytes (larger ones get 413, unread).
+    `unix_limits`, `tcp_limits`: each listener's own connection budget and deadline.
     """
 
-    def __init__(self, resolve: Resolver, max_body: int, logger: logging.Logger) -> None:
+    def __init__(self, resolve: Resolver, max_body: int, logger: logging.Logger,
+                 unix_limits: ConnectionLimits = ConnectionLimits(max_connections=64),
+                 tcp_limits: ConnectionLimits = ConnectionLimits(max_per_address=16)) -> None:
         self._resolve = resolve
         self._max_body = max_body
         self._logger = logger
+        self._unix_limits = unix_limits
+        self._tcp_limits = tcp_limits
         self._servers: list[tuple[_Server, threading.Thread]] = []
         self._tcp: _Server | None = None
         self._unix_path: Path | None = None
+        self._stop_reaper = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     def serve_unix(self, path: Path) -> None:
         """Listen on the unix socket `path` (mode 0600: root only when pard runs as root).
@@ -478,7 +585,8 @@ class HttpServer:
                 raise ParError(
                     "socket_in_use", f"{path} is in use: is another pard running?", "listen.socket"
                 )
-        settings = _Settings(self._resolve, self._logger, self._max_body, local=True)
+        settings = _Settings(self._resolve, self._logger, self._max_body, local=True,
+                             limits=self._unix_limits)
         server = _UnixServer(path, settings)
         self._unix_path = path
         self._start(server, "par-api-unix")
@@ -499,7 +607,8 @@ class HttpServer:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]  # "[::1]" as written in "HOST:PORT"
         settings = _Settings(
-            self._resolve, self._logger, self._max_body, local=False, token=token.encode("utf-8")
+            self._resolve, self._logger, self._max_body, local=False, limits=self._tcp_limits,
+            token=token.encode("utf-8"),
         )
         server = _Server((host, port), settings)
         self._tcp = server
@@ -518,6 +627,15 @@ class HttpServer:
         )
         thread.start()
         self._servers.append((server, thread))
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="par-api-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Cut late requests, a few times a second (a deadline is seconds long)."""
+        while not self._stop_reaper.wait(REAP_INTERVAL_S):
+            for server, _ in list(self._servers):
+                server.reap()
 
     def shutdown(self) -> None:
         """Stop accepting, close the listeners, remove our socket; in-flight requests may finish."""
@@ -534,6 +652,10 @@ class HttpServer:
                     pass
         self._servers.clear()
         self._tcp = None
+        self._stop_reaper.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+            self._reaper = None
 
 
 def _socket_answers(path: Path) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,8 @@ class ParService:
         self.deployer = deployer
         self.actions = actions
         self.started_at = started_at or time.time()
+        # long polls hold a thread each: beyond the cap they answer at once
+        self._long_polls = threading.BoundedSemaphore(core.cfg.listen.max_long_polls)
 
     # deployments
     def deploy(self, req: DeployRequest) -> tuple[int, dict]:
@@ -52,9 +55,12 @@ class ParService:
         """The deployment; with `wait`, once its `updatedAt` differs from `since` (by
         default: from what it is now), or after `wait` seconds."""
         d = resolve(self.store, ident)
-        if wait:
-            d = self.store.wait_for_change(d.deployment_id,
-                                           d.updated_at if since is None else since, wait)
+        if wait and self._long_polls.acquire(blocking=False):
+            try:
+                d = self.store.wait_for_change(d.deployment_id,
+                                               d.updated_at if since is None else since, wait)
+            finally:
+                self._long_polls.release()
         return d.to_api()
 
     def deployment_health(self, ident: str) -> dict:

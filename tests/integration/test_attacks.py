@@ -321,3 +321,71 @@ def test_attack_7_deleted_queued_deploys_stay_deleted(pard: Pard) -> None:
     assert not listed & deleted and set(kept) <= listed
     for agent in kept:
         pard.client().delete(f"{agent}-d", purge=True)
+
+
+# ---------------------------------------------------------------- 5
+
+
+def test_attack_5_slow_clients_do_not_take_the_api(pard: Pard) -> None:
+    """300 slow TCP clients from one address, each trickling a header: pard keeps
+    answering TCP clients from other addresses and the unix socket, drops each slow
+    one at its request deadline, and its threads and descriptors stay bounded."""
+    import http.client
+    import time
+
+    from par.client import UnixHTTPConnection
+
+    port = int(pard.tcp_url.rsplit(":", 1)[1])
+    before = len(list(Path(f"/proc/{pard.main_pid()}/fd").iterdir()))
+    slow: list[socket.socket] = []
+    for _ in range(300):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2,
+                                         source_address=("127.0.0.2", 0))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: ")
+            slow.append(s)
+        except OSError:
+            pass  # refused or reset at once: that is the cap working
+    try:
+        fds = len(list(Path(f"/proc/{pard.main_pid()}/fd").iterdir()))
+        threads = len(list(Path(f"/proc/{pard.main_pid()}/task").iterdir()))
+        # the per-address cap (16) holds: not 300 descriptors and threads
+        assert fds - before < 60 and threads < 120, (fds, before, threads)
+        for _ in range(3):
+            started = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health", headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+            assert conn.getresponse().status == 200
+            conn.close()
+            unix = UnixHTTPConnection(pard.socket, 5.0)
+            unix.request("GET", "/agents")
+            assert unix.getresponse().status == 200
+            unix.close()
+            assert time.monotonic() - started < 2
+            for s in slow[:16]:
+                try:
+                    s.sendall(b"x")  # trickle: never idle long enough for a timeout
+                except OSError:
+                    pass
+            time.sleep(1)
+        # the held ones are cut at their deadline (listen.request_deadline_s, 15 s)
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            open_ = 0
+            for s in slow:
+                s.settimeout(0.01)
+                try:
+                    if s.recv(1) != b"":
+                        open_ += 1
+                except TimeoutError:
+                    open_ += 1
+                except OSError:
+                    pass
+            if not open_:
+                break
+            time.sleep(0.5)
+        assert not open_, f"{open_} slow connections still held"
+    finally:
+        for s in slow:
+            s.close()
+    assert "API connection refused: too many" in pard.journal()

@@ -229,7 +229,8 @@ def test_deploy_removed_while_queued_never_runs(core_env: CoreEnv) -> None:
         poll("d2 to leave the queue",
              lambda: "d2" not in e.deployer._queues.get(AGENT, ()))
     remover.join(10)
-    assert result == [{"deleted": "d2", "agentAppId": AGENT, "purged": []}]
+    assert result == [{"deleted": "d2", "agentAppId": AGENT, "purged": [],
+                       "alreadyRemoved": False}]
     d2 = e.wait("d2")
     assert (d2.status, d2.desired_state, d2.current) == ("removed", "removed", False)
     assert d2.phases == {} and d2.package_digest is None
