@@ -144,7 +144,8 @@ def unit_properties(cfg: Config, user: str, writable: Sequence[Path], readable: 
         # PAR's folders appear empty: the store, packages, other venvs and layers,
         # the other caches, the bytecode store
         "TemporaryFileSystem=" + " ".join(f"{p}:ro" for p in _checked(hidden)),
-        "InaccessiblePaths=-/etc/par",
+        # the daemon's config and TCP token, wherever the token is kept
+        "InaccessiblePaths=-/etc/par -" + _checked([cfg.listen.token_file])[0],
         f"RuntimeMaxSec={max(int(timeout), 1)}s",
         "TimeoutStopSec=5s",
     ]
