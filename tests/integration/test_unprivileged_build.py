@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import pwd
+import shutil
 import stat
 import tarfile
 import uuid
@@ -111,7 +112,10 @@ def build_evil_sdist(dest: Path, name: str, writes: dict[str, str],
 def files_root() -> Iterator[Path]:
     root = new_root("unpriv-files")
     root.mkdir(parents=True)
-    yield root
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
