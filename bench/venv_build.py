@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> dict:
         req.write_text(text)
         # venvs and caches on one filesystem, so uv can hardlink
         base = config.with_state_dir(config.from_dict(None), work / "state", work / "cache")
+        # sandbox: false: this measures the installers (and runs without systemd); the
+        # build unit adds one transient unit start per layer build
         ic = InstallerConfig(uv_path=args.uv, python=PYTHON, find_links=[str(wheelhouse)],
-                             offline=True, timeout_s=600)
+                             offline=True, timeout_s=600, sandbox=False)
 
         def manager(kind: str, compile_bytecode: bool = True) -> VenvManager:
             cfg = dataclasses.replace(base, installer=dataclasses.replace(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,14 @@ class Installer:
                "inside requirements.txt.")
     compile_bytecode: bool = setting(
         True, "Compile bytecode at build time (agents run with a read-only venv).")
+    only_binary: bool = setting(
+        False, "Install wheels only: refuse sdists, so no package code runs at build time "
+               "(docs/security.md).")
+    sandbox: bool = setting(
+        True, "Run uv/pip as build_user in a sandboxed transient unit; false runs them as "
+              "root, unsandboxed (only for hosts without systemd; unsafe).")
+    build_user: str = setting(
+        "par-build", "The system user builds run as (the package creates it with sysusers).")
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,10 @@ def _section(raw: object, cls: type, prefix: str) -> object:
 
 def _check(cfg: Config) -> None:
     """Cross-field rules the types alone do not express."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", cfg.installer.build_user) \
+            or cfg.installer.build_user == "root":
+        raise ConfigError("installer.build_user: expected a system user name other than root",
+                          "installer.build_user")
     if cfg.installer.kind not in ("auto", "uv", "pip"):
         raise ConfigError("installer.kind: expected one of auto, uv, pip", "installer.kind")
     for name in ("rest", "a2a", "ui"):

@@ -6,12 +6,14 @@ fallback).  `select_installer` picks one from the config; `install_uv` gives a
 Debian host (which has no uv package) a uv binary from the configured index.
 
 Installers only run commands and turn failures into `ParError`s; where venvs
-live, their names, metadata and locks belong to `par.venvs`.
+live, their names, metadata and locks belong to `par.venvs`.  Creating an
+empty venv (the base interpreter's `venv` module) runs as pard; installing
+requirements, which runs package code (an sdist's build), runs through a
+`par.build_sandbox.Runner`: the unprivileged, sandboxed build unit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -24,10 +26,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from par import layout, procs
+from par.build_sandbox import DEFAULT_PATH, Runner, build_env, runner_for
 from par.config import Config
 from par.config import Installer as InstallerConfig
 from par.errors import ParError
 from par.fsutil import fsync_dir, remove_tree
+
+__all__ = ["DEFAULT_PATH", "build_env"]  # re-exported: what an installer run's env is
 
 # Seconds for steps that do not download anything (creating a venv, --version).
 CREATE_TIMEOUT_S = 120.0
@@ -42,10 +47,10 @@ DEBIAN_PIP_WHEELS = Path("/usr/share/python-wheels")
 
 
 def _env(overrides: dict[str, str | None]) -> dict[str, str]:
-    """The child environment: ours without PIP_*/UV_* variables (PAR passes its
-    options explicitly, so the daemon's environment cannot change a build)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
-    return procs.child_env(overrides, base=base)
+    """The child environment: only the operator's proxy, CA and locale variables of
+    ours (never PIP_*, UV_* or PYTHON*: PAR passes its options explicitly, so no
+    environment can change a build), then `overrides`."""
+    return build_env({"HOME": "/tmp", **overrides})
 
 
 def is_disk_full(output: str) -> bool:
@@ -91,8 +96,11 @@ def _create_error(result: procs.ProcResult, path: Path) -> ParError:
 
 
 def index_args(ic: InstallerConfig, *, uv: bool) -> list[str]:
-    """Command-line options for the configured index, wheelhouses and offline mode."""
+    """Command-line options for the configured index, wheelhouses, offline mode and
+    `only_binary`."""
     args: list[str] = []
+    if ic.only_binary:
+        args += ["--only-binary", ":all:"]
     if ic.index_url:
         args += ["--index-url", ic.index_url]
     for url in ic.extra_index_urls:
@@ -106,16 +114,20 @@ def index_args(ic: InstallerConfig, *, uv: bool) -> list[str]:
     return args
 
 
-# Run by the venv's own interpreter (its cache tag and marshal format), stdlib
-# only.  Every .py under lib/ gets a .pyc hardlinked from a store keyed by the
+# Run by the base interpreter as pard (root), after the build was sealed
+# (par.venvs.seal): it never runs the venv's own python, reads regular files
+# only and never writes through a symlink.  Stdlib only.  Every .py under lib/
+# gets a .pyc hardlinked from a store keyed by the
 # source's content, mtime and size (what a timestamp pyc's header holds): the
 # sources uv installs are hardlinks of one cached file, so each module is
 # compiled once per host and every later venv only links the result.
 _COMPILE_SCRIPT = r"""
-import hashlib, importlib.util, os, py_compile, shutil, sys
+import hashlib, importlib.util, os, py_compile, shutil, stat, sys
 from concurrent.futures import ProcessPoolExecutor
 
 lib, store = sys.argv[1], os.path.join(sys.argv[2], sys.implementation.cache_tag)
+if os.path.islink(lib) or not os.path.isdir(lib):
+    sys.exit("%s is not a folder" % lib)
 MODE = py_compile.PycInvalidationMode.TIMESTAMP
 
 def compile_to(src, cfile):
@@ -140,6 +152,10 @@ for dirpath, dirnames, filenames in os.walk(lib):
             continue
         src = os.path.join(dirpath, name)
         st = os.lstat(src)
+        cache = os.path.join(dirpath, "__pycache__")
+        if not stat.S_ISREG(st.st_mode) or (os.path.lexists(cache) and (
+                os.path.islink(cache) or not os.path.isdir(cache))):
+            continue  # a symlink could name any file on the host: never read it as root
         with open(src, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
         key = "%s-%d-%d" % (digest, int(st.st_mtime), st.st_size & 0xFFFFFFFF)
@@ -173,12 +189,14 @@ print("bytecode: %d modules, %d newly compiled, %d linked, %d copied or compiled
 """
 
 
-def compile_bytecode(cfg: Config, venv_path: Path, timeout: float) -> procs.ProcResult:
+def compile_bytecode(cfg: Config, venv_path: Path, timeout: float,
+                     python: Path | None = None) -> procs.ProcResult:
     """Give every module under the venv's lib/ a .pyc, shared through
-    `cache_dir/pyc` (compiled once per host, hardlinked into each venv).
+    `cache_dir/pyc` (compiled once per host, hardlinked into each venv), with the
+    base interpreter `python` (default: installer.python), never the venv's own.
     Returns the run's result; the caller decides what a failure means."""
-    # -S: no site, so no package's .pth file runs (as root) during the build
-    argv = [str(venv_python(venv_path)), "-I", "-S", "-c", _COMPILE_SCRIPT,
+    # -I -S: no site, so no package's .pth file runs (as root) during the build
+    argv = [str(python or cfg.installer.python), "-I", "-S", "-c", _COMPILE_SCRIPT,
             str(venv_path / "lib"), str(layout.pyc_cache(cfg))]
     return procs.run(argv, timeout=timeout, env=_env({}))
 
@@ -196,9 +214,13 @@ class Installer(ABC):
     """Creates venvs and installs requirements into them."""
 
     name: ClassVar[str]
+    # Whether pard compiles bytecode into the shared store after the build
+    # (`compile_bytecode`); pip compiles inside the build itself.
+    shared_bytecode: ClassVar[bool] = False
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, runner: Runner | None = None) -> None:
         self.cfg = cfg
+        self.runner = runner or runner_for(cfg)
         self._version: str | None = None
         self._version_lock = threading.Lock()
 
@@ -211,7 +233,8 @@ class Installer(ABC):
     @abstractmethod
     def install(self, *, venv_path: Path, requirements_file: Path,
                 timeout: float) -> procs.ProcResult:
-        """Install `requirements_file` into the venv; raise ParError on failure or timeout."""
+        """Install `requirements_file` (a file inside the venv) into the venv through
+        the runner (the sandboxed build); raise ParError on failure or timeout."""
 
     @abstractmethod
     def _query_version(self) -> str: ...
@@ -223,6 +246,19 @@ class Installer(ABC):
                 self._version = self._query_version()
             return self._version
 
+    def _inputs(self) -> list[Path]:
+        """What the build reads besides the venv and cache: local find_links folders."""
+        return [Path(link) for link in self.cfg.installer.find_links if link.startswith("/")]
+
+    def _run_build(self, argv: list[str], venv_path: Path, cache: Path, readable: list[Path],
+                   env: dict[str, str], timeout: float) -> procs.ProcResult:
+        self.runner.prepare([venv_path, cache])
+        result = self.runner.run(argv, env=env, writable=[venv_path, cache],
+                                 readable=readable + self._inputs(), timeout=timeout)
+        if not result.ok:
+            raise install_error(result, timeout)
+        return result
+
     def _run_create(self, argv: list[str], path: Path, timeout: float) -> None:
         result = procs.run(argv, timeout=timeout, env=_env({}))
         if not result.ok:
@@ -230,13 +266,14 @@ class Installer(ABC):
 
 
 class UvInstaller(Installer):
-    """`python -m venv --without-pip`, then `uv pip install` from the shared cache,
-    then bytecode from the shared store (`compile_bytecode`)."""
+    """`python -m venv --without-pip`, then `uv pip install` from the shared cache;
+    pard then adds bytecode from the shared store (`compile_bytecode`)."""
 
     name = "uv"
+    shared_bytecode = True
 
-    def __init__(self, cfg: Config, uv: Path) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, uv: Path, runner: Runner | None = None) -> None:
+        super().__init__(cfg, runner)
         self.uv = uv
 
     @property
@@ -249,6 +286,8 @@ class UvInstaller(Installer):
             # Hardlinks from the cache: near-zero copy time and disk per venv.
             "UV_LINK_MODE": "hardlink",
             "UV_PYTHON_DOWNLOADS": "never",
+            # no uv.toml of the host or of a user: PAR passes every option itself
+            "UV_NO_CONFIG": "1",
             "NO_COLOR": "1",
             "VIRTUAL_ENV": None,  # uv must target --python, not an inherited venv
         })
@@ -270,22 +309,11 @@ class UvInstaller(Installer):
         ]
         argv += index_args(self.cfg.installer, uv=True)
         argv += ["-r", str(requirements_file)]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        result = procs.run(argv, timeout=timeout, env=self._uv_env())
-        if not result.ok:
-            raise install_error(result, timeout)
-        if self.cfg.installer.compile_bytecode:
-            # Not uv's --compile-bytecode: it compiles every module again for
-            # every venv (seconds per build, a private copy of each .pyc);
-            # the shared store compiles each module once per host.
-            left = max(timeout - (time.monotonic() - start), 1.0)
-            compiled = compile_bytecode(self.cfg, venv_path, left)
-            if not compiled.ok:
-                raise install_error(compiled, timeout)
-            result = dataclasses.replace(result, output=result.output + compiled.output,
-                                         seconds=round(result.seconds + compiled.seconds, 3))
-        return result
+        # Not uv's --compile-bytecode: it compiles every module again for every venv
+        # (seconds per build, a private copy of each .pyc); pard's shared store
+        # compiles each module once per host, after the build.
+        return self._run_build(argv, venv_path, self.cache_dir, [self.uv], self._uv_env(),
+                               timeout)
 
     def _query_version(self) -> str:
         result = procs.run([str(self.uv), "--version"], timeout=VERSION_TIMEOUT_S,
@@ -322,11 +350,8 @@ class PipInstaller(Installer):
             argv.append("--no-compile")  # pip compiles by default
         argv += index_args(self.cfg.installer, uv=False)
         argv += ["-r", str(requirements_file)]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        result = procs.run(argv, timeout=timeout, env=_env({}))
-        if not result.ok:
-            raise install_error(result, timeout)
-        return result
+        env = _env({"PIP_CONFIG_FILE": os.devnull})  # no pip.conf of the host or a user
+        return self._run_build(argv, venv_path, self.cache_dir, [], env, timeout)
 
     def _query_version(self) -> str:
         # The pip a new venv gets is the one ensurepip bundles.

@@ -14,6 +14,7 @@ else is derived here:
       env/{agentAppId}.env                                agents' EnvironmentFile=s
       host/{digest}/                                      the compiled agent host
       tools/                                              uv fetched by pard
+      builds/                                             root-only files of running builds
     cache_dir/
       uv/  pip/                                           installer caches
       pyc/                                                bytecode, compiled once per host
@@ -88,6 +89,11 @@ def env_dir(cfg: Config) -> Path:
 def env_file(cfg: Config, agent_id: str) -> Path:
     """The root-only file holding one agent's own variables (`EnvironmentFile=`)."""
     return env_dir(cfg) / f"{agent_id}.env"
+
+
+def builds(cfg: Config) -> Path:
+    """Root-only files of running builds (their units' EnvironmentFile=)."""
+    return cfg.paths.state_dir / "builds"
 
 
 def host_root(cfg: Config) -> Path:

@@ -33,7 +33,7 @@ from par.fetch import FetchResult, fetch_package
 from par.fsutil import atomic_write_text
 from par.journal import failure_reason
 from par.manifest import Manifest, load_manifest, read_dotenv
-from par.requirements import Requirements, effective_requirements
+from par.requirements import Policy, Requirements, effective_requirements
 from par.store import Deployment, Store
 from par.units import Systemd, UnitStatus, unit_name
 from par.venvs import VenvManager, VenvResult, venv_name
@@ -85,7 +85,9 @@ def read_package(root: Path, cfg: Config, logger: logging.Logger | None) -> Load
     """Parse the package at `root`: agent.yaml, .env, the effective requirements."""
     manifest = load_manifest(root, logger)
     dotenv = read_dotenv(root)
-    reqs = effective_requirements(root, manifest, cfg.installer.allow_index_options)
+    reqs = effective_requirements(root, manifest, Policy(
+        allow_index_options=cfg.installer.allow_index_options,
+        only_binary=cfg.installer.only_binary))
     return LoadedPackage(root, manifest, dotenv, reqs)
 
 

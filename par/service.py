@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from par import __version__
 from par.actions import Actions, resolve
@@ -20,6 +18,7 @@ from par.deployer import Deployer
 from par.errors import ParError
 from par.installers import install_uv
 from par.pipeline import Core, venvs_in_use
+from par.requirements import Policy, parse_requirements
 from par.store import Deployment
 from par.units import UnitStatus, unit_name
 
@@ -178,15 +177,17 @@ class ParService:
         return {"evicted": self.venv_manager.prune(venvs_in_use(self.store), all_unused=True)}
 
     def prewarm(self, requirements: str) -> dict:
+        """Fill the installer cache from `requirements`, checked like a package's
+        requirements.txt, and stricter: no direct URLs (the cache is filled from the
+        configured index only)."""
         if not isinstance(requirements, str) or not requirements.strip():
             raise ParError("invalid_field", "requirements must be a non-empty string",
                            "requirements")
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
-            fh.write(requirements)
-        try:
-            res = self.venv_manager.prewarm(Path(fh.name))
-        finally:
-            Path(fh.name).unlink(missing_ok=True)
+        ic = self.cfg.installer
+        parse_requirements(requirements, Policy(
+            label="requirements", allow_index_options=ic.allow_index_options,
+            allow_urls=False, only_binary=ic.only_binary))
+        res = self.venv_manager.prewarm(requirements)
         return {"installer": res.installer, "seconds": res.seconds}
 
     def install_uv(self) -> dict:

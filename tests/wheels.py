@@ -80,11 +80,12 @@ def build_wheel(
 
 # The in-tree build backend of the hanging sdist: it needs no setuptools (so
 # it builds offline) and blocks as soon as the installer asks it anything,
-# after touching $PAR_TEST_HANG_MARKER so a test knows the build started.
+# after touching its marker file (baked in, or $PAR_TEST_HANG_MARKER) so a test
+# knows the build started.  Builds get no environment of the caller's: bake it in.
 _HANG_BACKEND = '''\
 import os, pathlib, time
 
-_marker = os.environ.get("PAR_TEST_HANG_MARKER")
+_marker = os.environ.get("PAR_TEST_HANG_MARKER") or MARKER
 if _marker:
     pathlib.Path(_marker).write_text(str(os.getpid()))
 while True:
@@ -92,8 +93,10 @@ while True:
 '''
 
 
-def build_hanging_sdist(dest: Path, name: str = "hangpkg", version: str = "1.0") -> Path:
-    """Write an sdist whose build never finishes; return its path."""
+def build_hanging_sdist(dest: Path, name: str = "hangpkg", version: str = "1.0",
+                        marker: Path | None = None) -> Path:
+    """Write an sdist whose build never finishes; return its path.  `marker`: the
+    file its build writes its PID to when it starts."""
     root = f"{name}-{version}"
     files = {
         "pyproject.toml": (
@@ -102,7 +105,7 @@ def build_hanging_sdist(dest: Path, name: str = "hangpkg", version: str = "1.0")
             f'[project]\nname = "{name}"\nversion = "{version}"\n'
         ),
         "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        "hang_backend.py": _HANG_BACKEND,
+        "hang_backend.py": f"MARKER = {str(marker) if marker else None!r}\n" + _HANG_BACKEND,
     }
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{name}-{version}.tar.gz"

@@ -26,7 +26,7 @@ from pathlib import Path
 from par import layout
 from par.config import Config
 from par.fsutil import atomic_write_bytes, atomic_write_text
-from par.installers import Installer
+from par.installers import Installer, compile_bytecode, install_error
 from par.log import Timer, event
 from par.venvs.atomic import discard, os_error, remove_quietly, temp_dir
 from par.venvs.links import link_layer, linked_layer
@@ -34,6 +34,7 @@ from par.venvs.locks import venv_lock
 from par.venvs.meta import REQUIREMENTS_FILE, VenvMeta, read_meta, write_meta
 from par.venvs.naming import layer_key, layer_lock_name, linking_dirs, venv_dirs
 from par.venvs.python import BasePython
+from par.venvs.seal import seal
 from par.venvs.validate import Validator
 
 
@@ -129,9 +130,13 @@ class Layers:
                       python=str(base.path), python_version=base.version)
                 with Timer() as create:
                     installer.create_venv(path=tmp, python=base.path, prompt=key)
+                # the build may rewrite it: pard puts its own back (it decides how
+                # python starts in the venv, so what its stdlib is)
+                skeleton_cfg = (tmp / "pyvenv.cfg").read_bytes()
                 req_file = tmp / REQUIREMENTS_FILE
                 atomic_write_text(req_file, requirements_text)
                 install_seconds = 0.0
+                build_uid: int | None = None
                 if has_requirements(requirements_text):
                     event(self.logger, "Installing dependencies", logging.INFO, **fields,
                           create_seconds=create.seconds)
@@ -139,6 +144,11 @@ class Layers:
                         installer.install(venv_path=tmp, requirements_file=req_file,
                                           timeout=self.cfg.installer.timeout_s)
                     install_seconds = install.seconds
+                    build_uid = installer.runner.build_uid()
+                seal(tmp, build_uid, f"layer {key}")
+                atomic_write_bytes(tmp / "pyvenv.cfg", skeleton_cfg)
+                if has_requirements(requirements_text):
+                    self._compile(installer, tmp, install_seconds)
                 relocate(tmp, final)
                 now = round(time.time(), 3)
                 meta = VenvMeta(
@@ -159,6 +169,17 @@ class Layers:
             raise os_error(exc, f"layer {key}") from exc
         finally:
             remove_quietly(tmp, self.logger)
+
+    def _compile(self, installer: Installer, tmp: Path, install_seconds: float) -> None:
+        """Bytecode from the shared store, by pard with the base interpreter, in what is
+        left of the install timeout (the build is sealed: nothing in it runs)."""
+        if not (installer.shared_bytecode and self.cfg.installer.compile_bytecode):
+            return
+        timeout = self.cfg.installer.timeout_s
+        left = max(timeout - install_seconds, 1.0)
+        compiled = compile_bytecode(self.cfg, tmp, left, self.base.info().path)
+        if not compiled.ok:
+            raise install_error(compiled, timeout)
 
     def build_venv(self, name: str, agent_app_id: str | None, package_id: str,
                    requirements_text: str, requirements_sha: str, layer: Layer) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 from par import layout
 from par.config import Config
 from par.errors import ParError
+from par.fsutil import atomic_write_text
 from par.installers import Installer, select_installer
 from par.log import Timer, event
 from par.venvs.atomic import discard, os_error, remove_quietly, temp_dir
@@ -26,7 +27,7 @@ from par.venvs.counters import VenvCounters
 from par.venvs.layers import Layers
 from par.venvs.links import linked_layer
 from par.venvs.locks import venv_lock
-from par.venvs.meta import last_used, read_meta, touch
+from par.venvs.meta import REQUIREMENTS_FILE, last_used, read_meta, touch
 from par.venvs.naming import venv_dirs, venv_name
 from par.venvs.pyc import prune_bytecode_store
 from par.venvs.python import BasePython, PythonInfo
@@ -223,18 +224,23 @@ class VenvManager:
             ))
         return out
 
-    def prewarm(self, requirements_file: Path) -> PrewarmResult:
-        """Install `requirements_file` into a throwaway venv so the shared cache
-        holds everything it needs (the next build of it needs no network)."""
+    def prewarm(self, requirements: str | Path) -> PrewarmResult:
+        """Install `requirements` (checked text, or a file of it) into a throwaway venv
+        so the shared cache holds everything it needs (the next build of it needs no
+        network).  The install runs in the build sandbox like any other."""
+        text = requirements.read_text("utf-8") if isinstance(requirements, Path) else requirements
         installer = self.installer
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(self.root, "prewarm")
         try:
+            tmp.chmod(0o755)
             with Timer() as t:
-                event(self.logger, "Prewarming cache", installer=installer.name,
-                      requirements=str(requirements_file))
+                event(self.logger, "Prewarming cache", installer=installer.name)
                 installer.create_venv(path=tmp, python=self.base_python().path)
-                installer.install(venv_path=tmp, requirements_file=requirements_file,
+                # inside the venv: the only folder of PAR's the build sees
+                req_file = tmp / REQUIREMENTS_FILE
+                atomic_write_text(req_file, text)
+                installer.install(venv_path=tmp, requirements_file=req_file,
                                   timeout=self.cfg.installer.timeout_s)
             return PrewarmResult(installer.name, t.seconds)
         finally:

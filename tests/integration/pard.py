@@ -109,6 +109,8 @@ class Pard:
 
     def start(self) -> None:
         self.write_config()
+        # the user builds run as, as the package's postinst creates it (idempotent)
+        sh("systemd-sysusers", str(REPO / "debian/pixell-agent-runtime.sysusers"))
         self.install_unit()
         sh("systemctl", "reset-failed", "par.service", check=False)
         res = sh("systemctl", "start", "par.service", check=False, timeout=120)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from par import journal
+from par import installers, journal
+from par.build_sandbox import RootRunner
 from tests.unit.core_env import CoreEnv, close_env, make_env
 from tests.unit.test_client import FakePard
 
@@ -39,3 +40,11 @@ def core_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoreEn
         yield e
     finally:
         close_env(e)
+
+
+@pytest.fixture(autouse=True)
+def builds_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests have no systemd: builds run in-process (the `installer.sandbox: false`
+    runner).  The sandboxed build unit is proven by tests/integration/
+    test_unprivileged_build.py; tests of UnitRunner itself construct it directly."""
+    monkeypatch.setattr(installers, "runner_for", lambda cfg: RootRunner())

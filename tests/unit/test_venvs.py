@@ -62,8 +62,10 @@ def wheelhouse(tmp_path_factory) -> Path:
 def make_cfg(tmp_path: Path, wheelhouse: Path, kind: str = "uv", *,
              timeout_s: int = 120, **venvs: int) -> config.Config:
     base = config.with_state_dir(config.from_dict(None), tmp_path / "state")
+    # sandbox: false: no systemd here (the sandboxed build is an integration test)
     installer = InstallerConfig(kind=kind, uv_path=uv_binary() if kind == "uv" else None,
-                                find_links=[str(wheelhouse)], offline=True, timeout_s=timeout_s)
+                                find_links=[str(wheelhouse)], offline=True, timeout_s=timeout_s,
+                                sandbox=False)
     return dataclasses.replace(base, installer=installer, venvs=VenvsConfig(**venvs))
 
 
@@ -329,8 +331,8 @@ def test_concurrent_removals_of_venvs_sharing_a_layer(tmp_path, wheelhouse, reco
     assert not m.remove(names[0])  # already gone: False, not an error
 
 
-def test_validation_runs_the_venvs_python_again_only_after_a_change(
-        tmp_path, wheelhouse, recorder, monkeypatch):
+def test_validation_never_runs_the_venvs_python(tmp_path, wheelhouse, recorder, monkeypatch):
+    """pard is root: validation checks files (lstat), it runs nothing from the venv."""
     m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
     venv = ensure(m, "alpha==1.0\n").path
     runs: list[str] = []
@@ -341,19 +343,34 @@ def test_validation_runs_the_venvs_python_again_only_after_a_change(
         return real_run(argv, **kw)
 
     monkeypatch.setattr(procs_module, "run", counting_run)
-    python = str(venv / "bin" / "python")
-    assert m.validate(venv, sha("alpha==1.0\n")) is None
     assert m.validate(venv, sha("alpha==1.0\n")) is None
     assert ensure(m, "alpha==1.0\n").reused
-    assert runs.count(python) <= 1  # proven once (at most: the build may have proven it)
-    cfg_file = venv / "pyvenv.cfg"
-    cfg_file.write_text(cfg_file.read_text())  # any change to what decides how it runs
-    before = runs.count(python)
-    assert m.validate(venv, sha("alpha==1.0\n")) is None
-    assert runs.count(python) == before + 1
-    # a changed interpreter is never taken on trust either
-    _wrong_prefix(venv)
-    assert m.validate(venv, sha("alpha==1.0\n")) is not None
+    assert not [r for r in runs if r.startswith(str(tmp_path))]
+
+
+@pytest.mark.parametrize("where", ["venv", "layer"])
+def test_a_replaced_interpreter_is_refused_without_running_it(tmp_path, wheelhouse, recorder,
+                                                              where):
+    """A wheel's `.data/scripts/python` replaces bin/python: it must never run as root."""
+    m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
+    first = ensure(m, "alpha==1.0\n")
+    marker = tmp_path / "payload-ran"
+    python = (first.path if where == "venv" else first.layer) / "bin" / "python"
+    python.unlink()
+    python.write_text(f"#!/bin/sh\ntouch {marker}\nexec /usr/bin/python3 \"$@\"\n")
+    python.chmod(0o755)
+    problem = m.validate(first.path, sha("alpha==1.0\n"))
+    assert problem is not None and "not a link to the base interpreter" in problem
+    assert not ensure(m, "alpha==1.0\n").reused and not marker.exists()
+
+
+def test_pyvenv_cfg_pointing_elsewhere_is_refused(tmp_path, wheelhouse, recorder):
+    """`home` decides where python takes its stdlib from: another one is refused."""
+    m, _ = manager(make_cfg(tmp_path, wheelhouse), recorder)
+    layer = ensure(m, "alpha==1.0\n").layer
+    cfg_file = layer / "pyvenv.cfg"
+    cfg_file.write_text(cfg_file.read_text().replace("home = /usr/bin", f"home = {tmp_path}"))
+    assert "pyvenv.cfg home" in m.validate(layer, sha("alpha==1.0\n"))
 
 
 def test_validation_runs_no_package_code(tmp_path, wheelhouse, recorder):
@@ -410,11 +427,18 @@ def _pid_gone(pid: int) -> bool:
         return True
 
 
+def _with_hang_marker(wheelhouse: Path, dest: Path, marker: Path) -> Path:
+    """A copy of `wheelhouse` whose hanging sdist writes `marker` when its build starts."""
+    shutil.copytree(wheelhouse, dest)
+    build_hanging_sdist(dest, marker=marker)
+    return dest
+
+
 @pytest.mark.parametrize("kind", INSTALLERS)
 def test_timeout_kills_the_build_and_leaves_nothing(tmp_path, wheelhouse, recorder, kind,
                                                      monkeypatch):
     marker = tmp_path / "build-started"
-    monkeypatch.setenv("PAR_TEST_HANG_MARKER", str(marker))
+    wheelhouse = _with_hang_marker(wheelhouse, tmp_path / "wh", marker)
     m, _ = manager(make_cfg(tmp_path, wheelhouse, kind, timeout_s=3), recorder)
     start = time.monotonic()
     with pytest.raises(ParError) as err:
@@ -506,11 +530,11 @@ VenvManager(cfg, logging.getLogger("child")).ensure(
 
 
 def test_kill9_during_build_leaves_nothing_reusable(tmp_path, wheelhouse, recorder):
-    cfg = make_cfg(tmp_path, wheelhouse)
     marker = tmp_path / "build-started"
-    env = dict(os.environ, PAR_TEST_HANG_MARKER=str(marker))
+    wheelhouse = _with_hang_marker(wheelhouse, tmp_path / "wh", marker)
+    cfg = make_cfg(tmp_path, wheelhouse)
     child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tmp_path), str(wheelhouse)],
-                             cwd=REPO, env=env)
+                             cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
