@@ -88,6 +88,12 @@ class Limits:
     download_connect_timeout_s: float = setting(
         10.0, "Seconds to wait for a package server to accept the connection.")
     download_timeout_s: float = setting(300.0, "Seconds a whole package download may take.")
+    # Files pard parses, capped by their size in the archive (and on disk) before
+    # being read: a valid manifest followed by 20 MiB of comments must not be parsed.
+    max_manifest_bytes: int = setting(1024 * 1024, "Largest agent.yaml pard reads, in bytes.")
+    max_dotenv_bytes: int = setting(256 * 1024, "Largest package .env pard reads, in bytes.")
+    max_requirements_bytes: int = setting(
+        1024 * 1024, "Largest requirements.txt pard reads, in bytes.")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,18 @@ class Venvs:
 
 
 @dataclass(frozen=True)
+class Retention:
+    events_per_deployment: int = setting(
+        500, "Most events kept per deployment; older ones are pruned.")
+    removed_deployments: int = setting(
+        1000, "Most removed deployments kept as history (parctl deployments); oldest pruned.")
+    removed_after_days: int = setting(
+        90, "Removed deployments older than this many days are pruned, with their events.")
+    packages_per_agent: int = setting(
+        3, "Package files (.apkg) kept per agent beyond those a deployment could run again.")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths = field(default_factory=Paths)
     listen: Listen = field(default_factory=Listen)
@@ -131,6 +149,7 @@ class Config:
     ports: Ports = field(default_factory=Ports)
     agents: Agents = field(default_factory=Agents)
     venvs: Venvs = field(default_factory=Venvs)
+    retention: Retention = field(default_factory=Retention)
     workers: int = setting(4, "Deploys run in parallel (different agents) by this many workers.")
 
 
@@ -224,10 +243,19 @@ def _check(cfg: Config) -> None:
         "limits.max_unpacked_bytes": cfg.limits.max_unpacked_bytes,
         "limits.max_ratio": cfg.limits.max_ratio,
         "listen.max_body_bytes": cfg.listen.max_body_bytes,
+        "limits.max_manifest_bytes": cfg.limits.max_manifest_bytes,
+        "limits.max_dotenv_bytes": cfg.limits.max_dotenv_bytes,
+        "limits.max_requirements_bytes": cfg.limits.max_requirements_bytes,
+        "retention.events_per_deployment": cfg.retention.events_per_deployment,
+        "retention.removed_after_days": cfg.retention.removed_after_days,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value!r}", key)
+    for key, value in {"retention.removed_deployments": cfg.retention.removed_deployments,
+                       "retention.packages_per_agent": cfg.retention.packages_per_agent}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected zero or more, got {value!r}", key)
 
 
 def from_dict(raw: object) -> Config:
@@ -267,6 +295,7 @@ SECTION_DOCS = {
     "ports": "Ports agents' surfaces get.",
     "agents": "How agents' units run.",
     "venvs": "The venv budget (least recently used unused venvs are evicted beyond it).",
+    "retention": "What pard keeps of the past: events, removed deployments, old packages.",
 }
 
 

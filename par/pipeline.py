@@ -30,6 +30,7 @@ from par.deploy_request import DeployRequest, from_stored
 from par.errors import ParError
 from par.extract import compile_sources, extract_package
 from par.fetch import FetchResult, fetch_package
+from par.file_caps import REQUIREMENTS_NAME, caps, check_on_disk
 from par.fsutil import atomic_write_text
 from par.journal import failure_reason
 from par.manifest import Manifest, load_manifest, read_dotenv
@@ -82,9 +83,12 @@ def fetch(core: Core, req: DeployRequest, created: list[Path]) -> FetchResult:
 
 
 def read_package(root: Path, cfg: Config, logger: logging.Logger | None) -> LoadedPackage:
-    """Parse the package at `root`: agent.yaml, .env, the effective requirements."""
-    manifest = load_manifest(root, logger)
-    dotenv = read_dotenv(root)
+    """Parse the package at `root`: agent.yaml, .env, the effective requirements.
+
+    Each file is refused (`file_too_large`) over its cap in `limits` before it is read."""
+    manifest = load_manifest(root, logger, cfg.limits)
+    dotenv = read_dotenv(root, cfg.limits)
+    check_on_disk(root / REQUIREMENTS_NAME, caps(cfg.limits)[REQUIREMENTS_NAME])
     reqs = effective_requirements(root, manifest, cfg.installer.allow_index_options)
     return LoadedPackage(root, manifest, dotenv, reqs)
 
