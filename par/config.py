@@ -132,12 +132,14 @@ class Venvs:
 class Retention:
     events_per_deployment: int = setting(
         500, "Most events kept per deployment; older ones are pruned.")
-    removed_deployments: int = setting(
-        1000, "Most removed deployments kept as history (parctl deployments); oldest pruned.")
-    removed_after_days: int = setting(
-        90, "Removed deployments older than this many days are pruned, with their events.")
+    history_deployments: int = setting(
+        1000, "Most past deployments (neither current nor in flight: replaced, failed, "
+              "removed) kept as history; the oldest are pruned with their events.")
+    history_days: int = setting(
+        90, "Past deployments not updated for this many days are pruned, with their events.")
     packages_per_agent: int = setting(
-        3, "Package files (.apkg) kept per agent beyond those a deployment could run again.")
+        2, "Packages (and their extractions) kept per agent beyond those a deployment "
+           "that could run again uses; the least recently fetched are deleted.")
 
 
 @dataclass(frozen=True)
@@ -247,12 +249,12 @@ def _check(cfg: Config) -> None:
         "limits.max_dotenv_bytes": cfg.limits.max_dotenv_bytes,
         "limits.max_requirements_bytes": cfg.limits.max_requirements_bytes,
         "retention.events_per_deployment": cfg.retention.events_per_deployment,
-        "retention.removed_after_days": cfg.retention.removed_after_days,
+        "retention.history_days": cfg.retention.history_days,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value!r}", key)
-    for key, value in {"retention.removed_deployments": cfg.retention.removed_deployments,
+    for key, value in {"retention.history_deployments": cfg.retention.history_deployments,
                        "retention.packages_per_agent": cfg.retention.packages_per_agent}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected zero or more, got {value!r}", key)
