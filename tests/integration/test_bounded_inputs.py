@@ -140,8 +140,8 @@ TABLE = Table(
              "last, over `Environment=` and its own variables, which is why PAR keeps "
              "PAR's and systemd's keys out of it"),
         Case("events-pruned", "a deploy (about 14 events), then 6 restarts of the agent",
-             "`GET /deployments/{id}/events` holds the newest 5 events, the last one the latest "
-             "restart"),
+             "`GET /deployments/{id}/events` holds exactly 5 events after the deploy and "
+             "still 5 after the restarts (the newest ones)"),
         Case("history-and-packages-pruned", "5 versions of one agent deployed in turn",
              "`GET /deployments?agentAppId=` lists the current deployment and the 3 newest "
              "past ones; `packages/` and `extracted/` hold the current version's package and "
