@@ -110,6 +110,12 @@ class Limits:
     download_connect_timeout_s: float = setting(
         10.0, "Seconds to wait for a package server to accept the connection.")
     download_timeout_s: float = setting(300.0, "Seconds a whole package download may take.")
+    # Files pard parses, capped by their size in the archive (and on disk) before
+    # being read: a valid manifest followed by 20 MiB of comments must not be parsed.
+    max_manifest_bytes: int = setting(1024 * 1024, "Largest agent.yaml pard reads, in bytes.")
+    max_dotenv_bytes: int = setting(256 * 1024, "Largest package .env pard reads, in bytes.")
+    max_requirements_bytes: int = setting(
+        1024 * 1024, "Largest requirements.txt pard reads, in bytes.")
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,20 @@ class Venvs:
 
 
 @dataclass(frozen=True)
+class Retention:
+    events_per_deployment: int = setting(
+        500, "Most events kept per deployment; older ones are pruned.")
+    history_deployments: int = setting(
+        1000, "Most past deployments (neither current nor in flight: replaced, failed, "
+              "removed) kept as history; the oldest are pruned with their events.")
+    history_days: int = setting(
+        90, "Past deployments not updated for this many days are pruned, with their events.")
+    packages_per_agent: int = setting(
+        2, "Packages (and their extractions) kept per agent beyond those a deployment "
+           "that could run again uses; the least recently fetched are deleted.")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths = field(default_factory=Paths)
     listen: Listen = field(default_factory=Listen)
@@ -162,6 +182,7 @@ class Config:
     ports: Ports = field(default_factory=Ports)
     agents: Agents = field(default_factory=Agents)
     venvs: Venvs = field(default_factory=Venvs)
+    retention: Retention = field(default_factory=Retention)
     workers: int = setting(4, "Deploys run in parallel (different agents) by this many workers.")
 
 
@@ -270,6 +291,11 @@ def _check(cfg: Config) -> None:
         "agents.memory_max_mb": 1 if cfg.agents.memory_max_mb is None else cfg.agents.memory_max_mb,
         "agents.cpu_quota_percent":
             1 if cfg.agents.cpu_quota_percent is None else cfg.agents.cpu_quota_percent,
+        "limits.max_manifest_bytes": cfg.limits.max_manifest_bytes,
+        "limits.max_dotenv_bytes": cfg.limits.max_dotenv_bytes,
+        "limits.max_requirements_bytes": cfg.limits.max_requirements_bytes,
+        "retention.events_per_deployment": cfg.retention.events_per_deployment,
+        "retention.history_days": cfg.retention.history_days,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -281,6 +307,10 @@ def _check(cfg: Config) -> None:
             key = f"agents.ip_address_deny[{i}]"
             raise ConfigError(f"{key}: expected an address or CIDR network, got {net!r}",
                               key) from None
+    for key, value in {"retention.history_deployments": cfg.retention.history_deployments,
+                       "retention.packages_per_agent": cfg.retention.packages_per_agent}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected zero or more, got {value!r}", key)
 
 
 def from_dict(raw: object) -> Config:
@@ -320,6 +350,7 @@ SECTION_DOCS = {
     "ports": "Ports agents' surfaces get.",
     "agents": "How agents' units run.",
     "venvs": "The venv budget (least recently used unused venvs are evicted beyond it).",
+    "retention": "What pard keeps of the past: events, removed deployments, old packages.",
 }
 
 

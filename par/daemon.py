@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sdnotify
 
-from par import __version__, config, extract, fetch, layout, log
+from par import __version__, config, extract, fetch, layout, log, retention
 from par.actions import Actions
 from par.agent_locks import AgentLocks
 from par.api import ApiServer
@@ -115,7 +115,8 @@ class Daemon:
         """Everything up to READY=1 (raises ParError when something is refused)."""
         cfg = self.cfg
         prepare_dirs(cfg)
-        self.store = store = Store.open(layout.store(cfg))
+        self.store = store = Store.open(layout.store(cfg),
+                                        max_events=cfg.retention.events_per_deployment)
         # a killed pard may have left partial downloads, extractions and venv builds
         removed = fetch.cleanup_stale(cfg) + extract.cleanup_stale(cfg) + cleanup_stale(cfg)
         if removed:
@@ -129,6 +130,7 @@ class Daemon:
         locks = AgentLocks()
         self.deployer = Deployer(core, locks, cfg.workers)
         report = reconcile(core, locks)
+        retention.at_start(cfg, store, locks.of, self.logger, time.time())
         self.monitor = UnitMonitor(store, core.systemd, locks.of, self.logger)
         self.monitor.start()
         service = ParService(core, self.deployer, Actions(core, locks, self.deployer))

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from par import ids
+from par import agent_env, ids
 from par.errors import ParError
 
 PORT_NAMES = ("rest", "a2a", "ui")
@@ -330,4 +330,6 @@ def _env(env: object) -> dict[str, str]:
         if "\x00" in value:
             raise _invalid(f"env.{key}", f"env.{key} must not contain a NUL character")
         out[key] = value
+    # the loader's, the interpreter's, systemd's and PAR's reserved keys (par.agent_env)
+    agent_env.check(out, agent_env.SOURCE_REQUEST)
     return out

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import pipeline
+from par import pipeline, retention
 from par.agent_locks import AgentLocks
 from par.agent_unit import AgentLaunch
 from par.deploy_request import DeployRequest, from_stored
@@ -165,9 +165,20 @@ class Deployer:
                 with self._lock:
                     self.counters.deploys_failed += 1
                 return
+            finally:
+                self._prune(d.agent_app_id)
             with self._lock:
                 self.counters.deploys_ok += 1
                 self.counters.deploy_seconds += time.monotonic() - started
+
+    def _prune(self, agent: str) -> None:
+        """The history and the agent's spare packages (par.retention); the agent's lock is
+        held.  A failure is logged: it must not fail the deploy."""
+        core = self.core
+        try:
+            retention.after_deploy(core.cfg, core.store, agent, core.logger, time.time())
+        except Exception:
+            core.logger.exception("pruning failed", extra={"fields": {"agentAppId": agent}})
 
     def _deploy(self, d: Deployment, req: DeployRequest, created: list[Path]) -> None:
         """The phases of one deploy, recorded as they happen."""

@@ -29,6 +29,7 @@ from pathlib import Path
 from par import ids, layout
 from par.config import Config
 from par.errors import ParError
+from par.file_caps import caps, check_size
 from par.fsutil import fsync_dir, remove_tree
 
 # Entries smaller than this are not held to the compression ratio: tiny, very
@@ -147,6 +148,7 @@ def plan_entries(zf: zipfile.ZipFile, cfg: Config) -> list[_Entry]:
                     f"of {limits.max_entries}")
     entries: list[_Entry] = []
     seen: dict[tuple[str, ...], bool] = {}  # parts -> is_dir
+    capped = caps(limits)  # the files pard parses, by their top-level name
     folders: set[tuple[str, ...]] = set()  # every parent path some entry needs
     total = 0
     for info in infos:
@@ -168,6 +170,9 @@ def plan_entries(zf: zipfile.ZipFile, cfg: Config) -> list[_Entry]:
             raise _fail("archive_duplicate", f"entry {name!r} is also used as a folder", name)
         seen[parts] = is_dir
         if not is_dir:
+            if len(parts) == 1 and parts[0] in capped:
+                # the declared size: _copy_entry stops at it when the header lies
+                check_size(capped[parts[0]], info.file_size)
             total += info.file_size
             if total > limits.max_unpacked_bytes:
                 raise _fail("archive_too_large",

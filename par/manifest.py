@@ -19,7 +19,9 @@ import yaml
 
 from par import ids
 from par.agent_host.par_agent_host import dotenv as host_dotenv
+from par.config import Limits
 from par.errors import ParError
+from par.file_caps import caps, read_capped
 from par.log import event
 
 MANIFEST_NAME = "agent.yaml"
@@ -260,14 +262,18 @@ def parse_manifest(root: Path, raw: object, logger: logging.Logger | None = None
     return manifest
 
 
-def load_manifest(root: Path, logger: logging.Logger | None = None) -> Manifest:
-    """Read and validate `root/agent.yaml`; raise ParError naming the field on any problem."""
+def load_manifest(root: Path, logger: logging.Logger | None = None,
+                  limits: Limits | None = None) -> Manifest:
+    """Read and validate `root/agent.yaml`; raise ParError naming the field on any problem.
+
+    A file over `limits.max_manifest_bytes` (default: par.yaml's default) is
+    refused before it is read (`file_too_large`)."""
     path = root / MANIFEST_NAME
     if path.is_symlink() or not path.is_file():
         raise ParError("manifest_missing", "the package has no agent.yaml at its top level",
                        MANIFEST_NAME)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path, caps(limits or Limits())[MANIFEST_NAME]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParError("manifest_yaml", f"agent.yaml is not UTF-8 text: {exc.reason}",
                        MANIFEST_NAME) from exc
@@ -308,13 +314,15 @@ def parse_dotenv(text: str) -> dict[str, str]:
         raise ParError("dotenv_invalid", f".env {exc}", DOTENV_NAME) from exc
 
 
-def read_dotenv(root: Path) -> dict[str, str]:
-    """Parse `root/.env` if the package has one (else an empty mapping)."""
+def read_dotenv(root: Path, limits: Limits | None = None) -> dict[str, str]:
+    """Parse `root/.env` if the package has one (else an empty mapping).
+
+    A file over `limits.max_dotenv_bytes` is refused before it is read."""
     path = root / DOTENV_NAME
     if path.is_symlink() or not path.is_file():
         return {}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path, caps(limits or Limits())[DOTENV_NAME]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParError("dotenv_invalid", f".env is not UTF-8 text: {exc.reason}",
                        DOTENV_NAME) from exc

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import agent_state, layout
+from par import agent_env, agent_state, layout
 from par import ports as portalloc
 from par.agent_unit import (
     AgentLaunch,
@@ -30,8 +30,10 @@ from par.deploy_request import DeployRequest, from_stored
 from par.errors import ParError
 from par.extract import compile_sources, extract_package
 from par.fetch import FetchResult, fetch_package
+from par.file_caps import REQUIREMENTS_NAME, caps, check_on_disk
 from par.fsutil import atomic_write_text
 from par.journal import failure_reason
+from par.log import event
 from par.manifest import Manifest, load_manifest, read_dotenv
 from par.requirements import Policy, Requirements, effective_requirements
 from par.store import Deployment, Store
@@ -82,9 +84,15 @@ def fetch(core: Core, req: DeployRequest, created: list[Path]) -> FetchResult:
 
 
 def read_package(root: Path, cfg: Config, logger: logging.Logger | None) -> LoadedPackage:
-    """Parse the package at `root`: agent.yaml, .env, the effective requirements."""
-    manifest = load_manifest(root, logger)
-    dotenv = read_dotenv(root)
+    """Parse the package at `root`: agent.yaml, .env, the effective requirements.
+
+    Each file is refused (`file_too_large`) over its cap in `limits` before it is read."""
+    manifest = load_manifest(root, logger, cfg.limits)
+    dotenv = read_dotenv(root, cfg.limits)
+    # refused keys fail the deploy here, before the package lands in extracted/
+    agent_env.check(manifest.environment, agent_env.SOURCE_MANIFEST)
+    agent_env.check(dotenv, agent_env.SOURCE_DOTENV)
+    check_on_disk(root / REQUIREMENTS_NAME, caps(cfg.limits)[REQUIREMENTS_NAME])
     reqs = effective_requirements(root, manifest, Policy(
         allow_index_options=cfg.installer.allow_index_options,
         only_binary=cfg.installer.only_binary))
@@ -164,9 +172,12 @@ def launch(core: Core, req: DeployRequest, pkg: LoadedPackage, venv_path: Path,
            layer: Path | None, ports: dict[str, int]) -> AgentLaunch:
     """What the unit of this deployment runs, with its environment merged."""
     m = pkg.manifest
-    env = dict(m.environment)
-    env.update(pkg.dotenv)
-    env.update(req.env)  # the operator's values win over the package's
+    # the operator's values win over the package's; PAR's own variables over both
+    merged = agent_env.merge(m.environment, pkg.dotenv, req.env)
+    if merged.dropped:
+        event(core.logger, "Environment keys left to PAR", logging.WARNING,
+              deploymentId=req.deployment_id, keys=list(merged.dropped))
+    env = merged.env
     return AgentLaunch(
         agent_id=req.agent_app_id, deployment_id=req.deployment_id, org_id=req.org_id,
         name=m.name, version=req.version, package_root=pkg.root, venv_path=venv_path,

@@ -62,11 +62,13 @@ class Store:
     """Deployments and events in one SQLite file; safe to share between threads."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], max_events: int | None = None) -> None:
         """Use `Store.open`."""
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._clock = clock
+        # events kept per deployment (per agent for agent-wide ones); None: all
+        self._max_events = max_events
         self._lock = threading.Lock()
         # notified after every commit (and on close): what `wait_for_change` waits on
         self._changed = threading.Condition(self._lock)
@@ -76,8 +78,12 @@ class Store:
     @classmethod
     def open(cls, path: Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
              migrations: Sequence[Sequence[str]] = MIGRATIONS,
-             clock: Callable[[], float] = time.time) -> Store:
+             clock: Callable[[], float] = time.time,
+             max_events: int | None = None) -> Store:
         """Open (or create) the store at `path`, check it and migrate it to the latest schema.
+
+        `max_events`: each deployment keeps its newest `max_events` events (agent-wide
+        events: per agent); older ones are deleted as new ones are written.
 
         Raises ParError `store_corrupt` (not a database, or quick_check fails),
         `store_too_new` (schema newer than this code), `store_locked` (another
@@ -108,7 +114,7 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, clock)
+        return cls(path, conn, clock, max_events)
 
     def close(self) -> None:
         """Close the connection (later calls raise `store_closed`); idempotent."""
@@ -167,6 +173,19 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (deployment_id, agent_app_id, ts, event, message, dumps(fields)),
         )
+        if self._max_events is not None:
+            self._trim_events(conn, deployment_id, agent_app_id, self._max_events)
+
+    @staticmethod
+    def _trim_events(conn: sqlite3.Connection, deployment_id: str | None,
+                     agent_app_id: str | None, keep: int) -> None:
+        """Delete all but the newest `keep` events of one deployment (or, for
+        agent-wide events, of one agent); cheap on the (deployment_id, id) index."""
+        where = ("deployment_id = ?", (deployment_id,)) if deployment_id is not None else \
+            ("deployment_id IS NULL AND agent_app_id IS ?", (agent_app_id,))
+        conn.execute(
+            f"DELETE FROM events WHERE {where[0]} AND id <= (SELECT id FROM events WHERE "
+            f"{where[0]} ORDER BY id DESC LIMIT 1 OFFSET ?)", (*where[1], *where[1], keep))
 
     @staticmethod
     def _find(conn: sqlite3.Connection, deployment_id: str) -> Deployment | None:
@@ -447,6 +466,37 @@ class Store:
                 rows.reverse()
         return [{"ts": r["ts"], "event": r["event"], "message": r["message"],
                  "fields": json.loads(r["fields_json"])} for r in rows]
+
+
+    # ---- retention (par.retention decides when) --------------------------------
+
+    def prune_events(self, keep: int) -> int:
+        """Keep the newest `keep` events of every deployment (agent-wide events: of every
+        agent); return how many were deleted."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+                "(PARTITION BY deployment_id, agent_app_id ORDER BY id DESC) AS n FROM events) "
+                "WHERE n > ?)", (max(keep, 0),))
+            return cur.rowcount
+
+    def prune_history(self, keep: int, updated_before: float) -> list[str]:
+        """Delete past deployments (neither current nor in flight) beyond the newest
+        `keep`, or last updated before `updated_before`; their events go with them.
+        Return the deleted ids."""
+        marks = ", ".join("?" for _ in IN_FLIGHT)
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT deployment_id, updated_at FROM deployments WHERE current = 0 AND "
+                f"status NOT IN ({marks}) ORDER BY updated_at DESC, rowid DESC",
+                IN_FLIGHT).fetchall()
+            doomed = [r["deployment_id"] for i, r in enumerate(rows)
+                      if i >= keep or r["updated_at"] < updated_before]
+            for i in range(0, len(doomed), 500):  # SQLite's bound on host parameters
+                chunk = doomed[i:i + 500]
+                conn.execute("DELETE FROM deployments WHERE deployment_id IN "
+                             f"({', '.join('?' for _ in chunk)})", chunk)
+            return doomed
 
 
 def _ended(phase: dict[str, float | None], now: float) -> dict[str, float | None]:

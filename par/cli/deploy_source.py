@@ -20,7 +20,9 @@ from typing import Any
 import click
 
 from par import ids
+from par.config import Limits
 from par.errors import ParError
+from par.file_caps import caps, too_large
 from par.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -30,7 +32,8 @@ from par.manifest import (
 )
 
 # agent.yaml is a few hundred bytes; refuse to inflate a huge entry from an archive.
-MAX_MANIFEST_BYTES = 1024 * 1024
+# pard's default cap (limits.max_manifest_bytes): parctl refuses what pard would.
+MANIFEST_CAP = caps(Limits())[MANIFEST_NAME]
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,9 @@ def apkg_name_version(package: Path) -> tuple[str | None, str | None]:
                 raise ParError("manifest_missing",
                                f"{package} has no {MANIFEST_NAME} at its top level",
                                MANIFEST_NAME) from None
-            if info.file_size > MAX_MANIFEST_BYTES:
-                raise ParError("manifest_invalid", f"{package}: {MANIFEST_NAME} is larger than "
-                               f"{MAX_MANIFEST_BYTES} bytes", MANIFEST_NAME)
+            if info.file_size > MANIFEST_CAP.limit:
+                err = too_large(MANIFEST_CAP, info.file_size)
+                raise ParError(err.code, f"{package}: {err.message}", err.field, err.status)
             data = zf.read(info)
     except zipfile.BadZipFile:
         raise ParError("package_invalid", f"{package} is not an .apkg (zip) archive") from None
