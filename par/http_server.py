@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from par.errors import ParError
+from par.http_limits import TCP_DEFAULTS, UNIX_DEFAULTS, ConnectionLimits, Connections
 from par.log import event
 
 IDLE_TIMEOUT_S = 30.0
@@ -142,15 +143,6 @@ Resolver = Callable[[str, str], Endpoint]
 
 
 @dataclass(frozen=True)
-class ConnectionLimits:
-    """How much of pard one listener's clients may hold."""
-
-    max_connections: int = 256
-    max_per_address: int | None = None  # TCP: per client address; None: no such cap
-    request_deadline_s: float = 15.0
-
-
-@dataclass(frozen=True)
 class _Settings:
     """What a request handler needs, attached to its server."""
 
@@ -160,59 +152,6 @@ class _Settings:
     local: bool
     limits: ConnectionLimits = ConnectionLimits()
     token: bytes | None = field(default=None, repr=False)
-
-
-class _Connections:
-    """The connections a server holds: counted per client address, each with the
-    deadline its current request must arrive by (None while an answer is made)."""
-
-    def __init__(self, limits: ConnectionLimits) -> None:
-        self.limits = limits
-        self._lock = threading.Lock()
-        self._per_address: dict[str, int] = {}
-        self._deadlines: dict[socket.socket, float | None] = {}
-
-    def admit(self, conn: socket.socket, address: str) -> bool:
-        """Count `conn` in, or False when a cap is reached (the caller closes it)."""
-        with self._lock:
-            if len(self._deadlines) >= self.limits.max_connections:
-                return False
-            held = self._per_address.get(address, 0)
-            if self.limits.max_per_address is not None and held >= self.limits.max_per_address:
-                return False
-            self._per_address[address] = held + 1
-            self._deadlines[conn] = None
-            return True
-
-    def release(self, conn: socket.socket, address: str) -> None:
-        """Count `conn` out (its handler is done)."""
-        with self._lock:
-            if conn not in self._deadlines:
-                return  # never admitted
-            del self._deadlines[conn]
-            left = self._per_address.get(address, 1) - 1
-            if left:
-                self._per_address[address] = left
-            else:
-                self._per_address.pop(address, None)
-
-    def arm(self, conn: socket.socket) -> None:
-        """The next request must have arrived whole within the deadline."""
-        with self._lock:
-            if conn in self._deadlines:
-                self._deadlines[conn] = time.monotonic() + self.limits.request_deadline_s
-
-    def disarm(self, conn: socket.socket) -> None:
-        """The request has arrived: making its answer may take as long as it takes."""
-        with self._lock:
-            if conn in self._deadlines:
-                self._deadlines[conn] = None
-
-    def overdue(self) -> list[socket.socket]:
-        """The connections whose request is late."""
-        now = time.monotonic()
-        with self._lock:
-            return [c for c, d in self._deadlines.items() if d is not None and d <= now]
 
 
 class _Server(ThreadingHTTPServer):
@@ -225,7 +164,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: str | tuple[str, int], settings: _Settings) -> None:
         self.settings = settings
-        self.connections = _Connections(settings.limits)
+        self.connections = Connections(settings.limits)
         if isinstance(address, tuple) and ":" in address[0]:
             self.address_family = socket.AF_INET6
         # typeshed types TCPServer's address as (host, port); _UnixServer passes a path
@@ -247,13 +186,6 @@ class _Server(ThreadingHTTPServer):
         finally:
             self.connections.release(request, str(client_address[0]))
 
-    def reap(self) -> None:
-        """Cut the connections whose request did not arrive in time."""
-        for conn in self.connections.overdue():
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns at once
-            except OSError:
-                pass
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the FQDN, which can stall on DNS at boot.
@@ -540,8 +472,8 @@ class HttpServer:
     """
 
     def __init__(self, resolve: Resolver, max_body: int, logger: logging.Logger,
-                 unix_limits: ConnectionLimits = ConnectionLimits(max_connections=64),
-                 tcp_limits: ConnectionLimits = ConnectionLimits(max_per_address=16)) -> None:
+                 unix_limits: ConnectionLimits = UNIX_DEFAULTS,
+                 tcp_limits: ConnectionLimits = TCP_DEFAULTS) -> None:
         self._resolve = resolve
         self._max_body = max_body
         self._logger = logger
@@ -635,7 +567,7 @@ class HttpServer:
         """Cut late requests, a few times a second (a deadline is seconds long)."""
         while not self._stop_reaper.wait(REAP_INTERVAL_S):
             for server, _ in list(self._servers):
-                server.reap()
+                server.connections.cut_overdue()
 
     def shutdown(self) -> None:
         """Stop accepting, close the listeners, remove our socket; in-flight requests may finish."""
