@@ -107,6 +107,10 @@ def _hidden_roots(cfg: Config) -> tuple[Path, ...]:
     return (cfg.paths.state_dir, cfg.paths.cache_dir)
 
 
+# What ProtectHome=yes and PrivateTmp=yes hide from a build.
+SANDBOX_HIDES = (Path("/root"), Path("/home"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
+
+
 def _under(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
@@ -151,7 +155,9 @@ def unit_properties(cfg: Config, user: str, writable: Sequence[Path], readable: 
     ]
     if writable:
         props.append("BindPaths=" + " ".join(_checked(writable)))
-    inputs = [p for p in readable if _under(p, hidden) and p.exists()]
+    # inputs the sandbox would hide: below PAR's folders, or in a home or temporary
+    # folder (a source checkout's uv and wheelhouse, say) that ProtectHome=/PrivateTmp= hide
+    inputs = [p for p in readable if _under(p, [*hidden, *SANDBOX_HIDES]) and p.exists()]
     if inputs:
         props.append("BindReadOnlyPaths=" + " ".join(_checked(inputs)))
     if env_file is not None:

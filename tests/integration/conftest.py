@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 import uuid
@@ -71,3 +72,17 @@ def pard():
         yield p
     finally:
         p.teardown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def staged_inputs_removed() -> Iterator[None]:
+    """The copies of uv and the wheelhouse the builds read (pard.staged_inputs) go with
+    the session, and IT_ROOT with them once no test's pard is left in it."""
+    yield
+    from .pard import IT_ROOT
+
+    shutil.rmtree(IT_ROOT / ".inputs", ignore_errors=True)
+    try:
+        IT_ROOT.rmdir()
+    except OSError:
+        pass

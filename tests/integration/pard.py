@@ -34,6 +34,31 @@ EXAMPLES = REPO / "examples"
 TEST_TOKEN = "test-token-0123456789"
 
 
+def staged_inputs() -> tuple[Path, Path]:
+    """uv and the wheelhouse, where the build user (par-build) can read them.
+
+    Builds run as par-build with ProtectHome=: a checkout under /root or /home
+    (a user's clone) is out of its reach, so the tests hand pard copies below
+    IT_ROOT, made once and refreshed when the wheelhouse changes."""
+    require_file(UV, "run scripts/install-deps")
+    require_file(WHEELHOUSE, "run scripts/install-deps")
+    stage = IT_ROOT / ".inputs"
+    stamp = ",".join(sorted(p.name for p in WHEELHOUSE.iterdir())) + f";{UV.stat().st_size}"
+    marker = stage / ".stamp"
+    if not marker.is_file() or marker.read_text() != stamp:
+        shutil.rmtree(stage, ignore_errors=True)
+        (stage / "bin").mkdir(parents=True)
+        for folder in (IT_ROOT, stage, stage / "bin"):
+            folder.chmod(0o755)
+        shutil.copy2(UV, stage / "bin" / "uv")
+        shutil.copytree(WHEELHOUSE, stage / "wheelhouse")
+        for path in (stage / "wheelhouse").rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (stage / "wheelhouse").chmod(0o755)
+        marker.write_text(stamp)
+    return stage / "bin" / "uv", stage / "wheelhouse"
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     import socket
@@ -77,12 +102,11 @@ class Pard:
         return Path("/run/par/par.sock")
 
     def write_config(self) -> None:
-        require_file(UV, "run scripts/install-deps")
-        require_file(WHEELHOUSE, "run scripts/install-deps")
+        uv, wheelhouse = staged_inputs()
         cfg = {
             "paths": {"state_dir": str(self.state), "cache_dir": str(self.root / "cache")},
-            "installer": {"kind": self.installer, "uv_path": str(UV), "offline": True,
-                          "find_links": [str(WHEELHOUSE), str(self.local_packages)],
+            "installer": {"kind": self.installer, "uv_path": str(uv), "offline": True,
+                          "find_links": [str(wheelhouse), str(self.local_packages)],
                           "timeout_s": 120},
             "ports": {"rest": [18100, 18999], "a2a": [51100, 51999], "ui": [13100, 13999]},
             "agents": {"boot_timeout_s": 60, "stop_timeout_s": 10, "restart_sec": 0.5},

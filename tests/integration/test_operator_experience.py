@@ -58,3 +58,16 @@ def test_pard_logs_with_real_priorities_and_fields(pard: Pard) -> None:
     info = journal("-p", "info")
     get = f'"method":"GET","path":"/deployments/{d["deploymentId"]}"'
     assert get in debug and get not in info
+
+
+def test_par_service_is_hardened(pard: Pard) -> None:
+    """par.service gives up what a root daemon that starts units and builds venvs can
+    (docs/security.md, "pard itself"), and pard still works under it (this module's
+    deploys ran there)."""
+    import re
+
+    out = sh("systemd-analyze", "security", "par.service", "--no-pager").stdout
+    found = re.search(r"Overall exposure level for par\.service: ([0-9.]+)", out)
+    assert found, out
+    print(f"systemd-analyze security par.service: {found.group(1)}")
+    assert float(found.group(1)) < 5.0, out

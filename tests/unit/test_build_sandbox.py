@@ -27,13 +27,17 @@ def test_unit_properties_confine_the_build(tmp_path: Path) -> None:
     uv = tmp_path / "state/tools/uv"
     uv.parent.mkdir(parents=True)
     uv.touch()
+    wheels = tmp_path / "checkout/wheels"  # under /tmp, which PrivateTmp= hides
+    wheels.mkdir(parents=True)
     props = unit_properties(cfg, "par-build", [layer, tmp_path / "cache/uv"],
-                            [uv, Path("/usr/share/wheels")], tmp_path / "env", 300)
+                            [uv, Path("/usr/share/wheels"), wheels, Path("/usr/bin")],
+                            tmp_path / "env", 300)
     for expected in ("User=par-build", "ProtectSystem=strict", "ProtectHome=yes",
                      "PrivateTmp=yes", "NoNewPrivileges=yes", "CapabilityBoundingSet=",
                      f"TemporaryFileSystem={tmp_path}/state:ro {tmp_path}/cache:ro",
                      f"BindPaths={layer} {tmp_path}/cache/uv",
-                     f"BindReadOnlyPaths={uv}",  # inputs outside PAR's folders need no bind
+                     # inputs the sandbox hides are bound back; /usr/bin needs no bind
+                     f"BindReadOnlyPaths={uv} {wheels}",
                      "InaccessiblePaths=-/etc/par -/etc/par/token",
                      "RuntimeMaxSec=300s", f"EnvironmentFile={tmp_path}/env"):
         assert expected in props, expected
