@@ -7,11 +7,13 @@ whether a deploy, an action or reconcile does it.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 from par import agent_state, ownership, pipeline
 from par.agent_locks import AgentLocks
-from par.agent_unit import env_file_path
+from par.agent_unit import env_file_path, write_env_file
+from par.deploy_request import parse_deploy_request
 from par.deployer import Deployer
 from par.errors import NotFound, ParError
 from par.pipeline import Core
@@ -98,6 +100,38 @@ class Actions:
             raise
         store.update(d.deployment_id, status="healthy", error_code=None,
                      error_message=None, error_field=None)
+
+    def set_env(self, ident: str, values: dict[str, str], unset: list[str],
+                restart: bool) -> tuple[int, dict]:
+        """Change the current deployment's own variables (the deploy request's `env`).
+
+        With `restart`, a new deployment of the same package (its kept bytes) and
+        venv, with the changed variables, replaces the current one the usual way:
+        started, proven healthy, rolled back on failure; (202, accepted) as a deploy
+        answers.  Without, the current deployment's record and env file change and
+        the next start of its unit (a restart, a crash) uses them: (200, record).
+        Names are checked as a deploy request's; values are never returned."""
+        core, store = self.core, self.core.store
+        d = resolve(store, ident)
+        if not d.current:
+            raise ParError("not_current", f"deployment {d.deployment_id} is not the current "
+                           f"one of {d.agent_app_id}", "id", 409)
+        env = {**d.env, **values}
+        for key in unset:
+            env.pop(key, None)
+        body = {**d.full_request(), "env": env,
+                "deploymentId": f"{d.agent_app_id}-env-{secrets.token_hex(4)}"}
+        if d.package_digest is not None:
+            body["packageSha256"] = d.package_digest  # the kept package, never fetched again
+        # the deploy request's rules for names and values (and a stored local URL)
+        req = parse_deploy_request(body, local=True, idempotency_key=None)
+        if restart:
+            return self.deployer.submit(req)
+        with self.locks.of(d.agent_app_id):
+            d = store.set_env(d.deployment_id, req.env)
+            if d.current:
+                write_env_file(core.cfg, pipeline.relaunch(core, d))
+        return 200, {"deployment": d.to_api(), "restart": "pending"}
 
     def remove(self, ident: str, purge: bool) -> dict:
         """Stop the agent and forget the deployment; with `purge`, delete its files too.

@@ -56,6 +56,9 @@ class Service(Protocol):
     def deployment_events(self, deployment_id: str, limit: int | None) -> list[dict]: ...
     def action(self, deployment_id: str, name: str) -> dict: ...
     def delete(self, deployment_id: str, purge: bool) -> dict: ...
+    def set_env(self, deployment_id: str, values: dict[str, str], unset: list[str],
+                restart: bool) -> tuple[int, dict]: ...
+    def env_names(self, deployment_id: str) -> dict: ...
     def agents(self, include_all: bool = False) -> list[dict]: ...
     def daemon_health(self) -> dict: ...
     def metrics(self) -> str: ...
@@ -231,6 +234,25 @@ def _prewarm(svc: Service, req: Request) -> Response:
     return Response(200, svc.prewarm(text))
 
 
+def _env_set(svc: Service, req: Request) -> Response:
+    body = _json_body(req)
+    values = body.get("set", {})
+    unset = body.get("unset", [])
+    restart = body.get("restart", True)
+    if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+        raise ParError("invalid_field", "set must be an object of string to string", "set")
+    if not isinstance(unset, list) or not all(isinstance(k, str) for k in unset):
+        raise ParError("invalid_field", "unset must be a list of names", "unset")
+    if not isinstance(restart, bool):
+        raise ParError("invalid_field", "restart must be true or false", "restart")
+    status, answer = svc.set_env(req.params[0], values, unset, restart)
+    return Response(status, answer)
+
+
+def _env_names(svc: Service, req: Request) -> Response:
+    return Response(200, svc.env_names(req.params[0]))
+
+
 def _install_uv(svc: Service, req: Request) -> Response:
     return Response(200, svc.install_uv())
 
@@ -253,6 +275,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", ("deployments", "{id}", "health"), _health),
     Route("GET", ("deployments", "{id}", "events"), _events),
     Route("POST", ("deployments", "{id}", "{action}"), _action),
+    Route("POST", ("deployments", "{id}", "env"), _env_set, needs_body=True),
+    Route("GET", ("deployments", "{id}", "env"), _env_names),
     Route("GET", ("agents",), _agents),
     Route("GET", ("health",), _daemon_health),
     Route("GET", ("metrics",), _metrics),

@@ -108,6 +108,17 @@ class Client:
             raise ValueError(f"unknown action {name!r}")
         return self._json("POST", f"/deployments/{_seg(deployment_id)}/{name}")
 
+    def set_env(self, deployment_id: str, values: dict[str, str], unset: list[str],
+                restart: bool = True) -> dict:
+        """POST /deployments/{id}/env: with `restart`, the accepted replacement
+        deployment (follow it like a deploy); without, the updated current record."""
+        return self._json("POST", f"/deployments/{_seg(deployment_id)}/env",
+                          body={"set": values, "unset": unset, "restart": restart})
+
+    def env_names(self, deployment_id: str) -> dict:
+        """GET /deployments/{id}/env: the names of the deployment's own variables."""
+        return self._json("GET", f"/deployments/{_seg(deployment_id)}/env")
+
     def delete(self, deployment_id: str, purge: bool = False) -> dict:
         """DELETE /deployments/{id}[?purge=1]: `{"deleted": id, "purged": [paths]}`."""
         query = {"purge": "1" if purge else None}

@@ -97,6 +97,15 @@ class ParService:
     def action(self, ident: str, name: str) -> dict:
         return self.actions.act(ident, name).to_api()
 
+    def set_env(self, ident: str, values: dict[str, str], unset: list[str],
+                restart: bool) -> tuple[int, dict]:
+        return self.actions.set_env(ident, values, unset, restart)
+
+    def env_names(self, ident: str) -> dict:
+        d = resolve(self.store, ident)
+        return {"deploymentId": d.deployment_id, "agentAppId": d.agent_app_id,
+                "names": sorted(d.env)}
+
     def delete(self, ident: str, purge: bool) -> dict:
         return self.actions.remove(ident, purge)
 

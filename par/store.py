@@ -295,6 +295,22 @@ class Store:
                             {"status": new.status, "previous": old.status})
             return new
 
+    def set_env(self, deployment_id: str, env: dict[str, str]) -> Deployment:
+        """Replace the deployment's own variables (`parctl env set --no-restart`): the
+        values in `env`, their names (redacted) in the stored request; an event says
+        which names changed, never a value."""
+        with self._write() as conn:
+            old = self._get(conn, deployment_id)
+            request = dict(old.request)
+            request["env"] = dict(env)  # Deployment redacts it
+            now = self._clock()
+            new = replace(old, request=request, env=dict(env), updated_at=now)
+            self._save(conn, new, ["request", "env", "updated_at"])
+            changed = sorted(k for k in set(env) | set(old.env) if env.get(k) != old.env.get(k))
+            self._event(conn, deployment_id, new.agent_app_id, now, "env",
+                        f"variables changed: {', '.join(changed) or 'none'}", {"keys": changed})
+            return new
+
     def start_phase(self, deployment_id: str, phase: str, status: str) -> Deployment:
         """Record that `phase` started now and set `status`."""
         with self._write() as conn:

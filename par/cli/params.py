@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 
 import click
 
 from par import ids
 from par.errors import ParError
-
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def option_id(value: str | None, param: str, check: Callable[[object, str], str]) -> str | None:
@@ -38,7 +35,7 @@ def env_pairs(_ctx: click.Context, _param: click.Parameter,
 
 def sha256_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """`--sha256`: 64 hex digits, given in either case, passed on in lower case."""
-    if value is not None and not SHA256_RE.fullmatch(value):
+    if value is not None and not ids.SHA256_RE.fullmatch(value.lower()):
         raise click.BadParameter("expected 64 hexadecimal characters")
     return value.lower() if value else None
 

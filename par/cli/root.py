@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from par import __version__
-from par.cli import agent_commands, host_commands
+from par.cli import agent_commands, env_commands, host_commands
 from par.cli.app import App, ParctlGroup
 
 
@@ -48,7 +48,7 @@ def cli(ctx: click.Context, socket: Path | None) -> None:
         app.socket = socket
 
 
-for _command in (*agent_commands.COMMANDS, *host_commands.COMMANDS):
+for _command in (*agent_commands.COMMANDS, *env_commands.COMMANDS, *host_commands.COMMANDS):
     cli.add_command(_command)
 
 

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from par.venvs.python import PythonInfo
 
 PACKAGE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 LAYER_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 # A build in progress: `.tmp-{name}-{random}` beside where it will be renamed to.
 TMP_PREFIX = ".tmp-"
@@ -30,7 +29,7 @@ TRASH_PREFIX = f"{TMP_PREFIX}del-"  # a venv or layer being deleted
 
 def venv_name(agent_app_id: str | None, package_id: str, requirements_sha: str) -> str:
     """`{agentAppId}_{sha[:7]}`, or `{name@version}_{sha[:7]}` without an agentAppId."""
-    if not SHA256_RE.fullmatch(requirements_sha):
+    if not ids.SHA256_RE.fullmatch(requirements_sha):
         raise ParError("invalid_sha", "requirements sha must be 64 lowercase hex digits",
                        "requirements_sha", 400)
     if agent_app_id is not None:

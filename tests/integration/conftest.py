@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 import uuid
@@ -73,16 +72,3 @@ def pard():
     finally:
         p.teardown()
 
-
-@pytest.fixture(scope="session", autouse=True)
-def staged_inputs_removed() -> Iterator[None]:
-    """The copies of uv and the wheelhouse the builds read (pard.staged_inputs) go with
-    the session, and IT_ROOT with them once no test's pard is left in it."""
-    yield
-    from .pard import IT_ROOT
-
-    shutil.rmtree(IT_ROOT / ".inputs", ignore_errors=True)
-    try:
-        IT_ROOT.rmdir()
-    except OSError:
-        pass

@@ -9,6 +9,7 @@ network.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -39,15 +40,17 @@ def staged_inputs() -> tuple[Path, Path]:
 
     Builds run as par-build with ProtectHome=: a checkout under /root or /home
     (a user's clone) is out of its reach, so the tests hand pard copies below
-    IT_ROOT, made once and refreshed when the wheelhouse changes."""
+    IT_ROOT, made once per process (runs side by side never share them) and
+    removed when the process exits."""
     require_file(UV, "run scripts/install-deps")
     require_file(WHEELHOUSE, "run scripts/install-deps")
-    stage = IT_ROOT / ".inputs"
+    stage = IT_ROOT / f".inputs-{os.getpid()}"
     stamp = ",".join(sorted(p.name for p in WHEELHOUSE.iterdir())) + f";{UV.stat().st_size}"
     marker = stage / ".stamp"
     if not marker.is_file() or marker.read_text() != stamp:
         shutil.rmtree(stage, ignore_errors=True)
         (stage / "bin").mkdir(parents=True)
+        atexit.register(_remove_stage, stage)
         for folder in (IT_ROOT, stage, stage / "bin"):
             folder.chmod(0o755)
         shutil.copy2(UV, stage / "bin" / "uv")
@@ -57,6 +60,14 @@ def staged_inputs() -> tuple[Path, Path]:
         (stage / "wheelhouse").chmod(0o755)
         marker.write_text(stamp)
     return stage / "bin" / "uv", stage / "wheelhouse"
+
+
+def _remove_stage(stage: Path) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        IT_ROOT.rmdir()  # only when no other run's pard or copies are left in it
+    except OSError:
+        pass
 
 
 def free_port() -> int:

@@ -71,3 +71,36 @@ def test_par_service_is_hardened(pard: Pard) -> None:
     assert found, out
     print(f"systemd-analyze security par.service: {found.group(1)}")
     assert float(found.group(1)) < 5.0, out
+
+
+def test_parctl_env_set_restarts_with_the_same_package_and_venv(pard: Pard) -> None:
+    import subprocess
+    import sys
+
+    from .test_agents import healthy, invoke
+
+    agent = "ux-env"
+    files = {"agent.yaml": agents.manifest(agent),
+             "src/main.py": "import os\n\ndef handler(ctx):\n"
+                            "    return {k: os.environ.get(k) for k in ('GREETING', 'OLD')}\n"}
+    d1 = healthy(pard, agent, files, env={"GREETING": "hi", "OLD": "x"})
+
+    def parctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "par.cli", "--socket", str(pard.socket),
+                               *args], capture_output=True, text=True, timeout=120)
+
+    res = parctl("env", "set", agent, "GREETING=s3cret-hello")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "s3cret-hello" not in res.stdout + res.stderr
+    cur = pard.client().deployment(agent)
+    assert cur["deploymentId"] != d1["deploymentId"] and cur["status"] == "healthy"
+    assert (cur["venv"], cur["packageDigest"], cur["ports"]) == (
+        d1["venv"], d1["packageDigest"], d1["ports"])
+    assert invoke(cur["ports"]["rest"], {}) == {"GREETING": "s3cret-hello", "OLD": "x"}
+
+    res = parctl("env", "unset", agent, "OLD", "--no-restart")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert invoke(cur["ports"]["rest"], {})["OLD"] == "x"  # not restarted yet
+    assert parctl("restart", agent).returncode == 0
+    assert invoke(cur["ports"]["rest"], {}) == {"GREETING": "s3cret-hello", "OLD": None}
+    assert parctl("env", "list", agent).stdout.split() == ["GREETING"]

@@ -101,6 +101,17 @@ class FakeService:
         self._call("install_uv")
         return {"path": "/x/uv", "version": "0.5"}
 
+    def set_env(self, deployment_id: str, values: dict[str, str], unset: list[str],
+                restart: bool) -> tuple[int, dict]:
+        self._call("set_env", deployment_id, values, unset, restart)
+        if restart:
+            return 202, {"status": "accepted", "deploymentId": "hello-env-1", "deployment": RECORD}
+        return 200, {"deployment": RECORD, "restart": "pending"}
+
+    def env_names(self, deployment_id: str) -> dict:
+        self._call("env_names", deployment_id)
+        return {"deploymentId": deployment_id, "names": ["A"]}
+
 
 @dataclass
 class Reply:
@@ -221,6 +232,11 @@ ROUTES = [
     ("POST", "/venvs/prewarm", {"requirements": "requests==2.28.1\n"},
      ("prewarm", "requests==2.28.1\n"), 200, "seconds"),
     ("POST", "/installer/install-uv", None, ("install_uv",), 200, "version"),
+    ("POST", "/deployments/d-1/env", {"set": {"A": "1"}, "unset": ["B"]},
+     ("set_env", "d-1", {"A": "1"}, ["B"], True), 202, "deploymentId"),
+    ("POST", "/deployments/d-1/env", {"set": {"A": "1"}, "restart": False},
+     ("set_env", "d-1", {"A": "1"}, [], False), 200, "restart"),
+    ("GET", "/deployments/d-1/env", None, ("env_names", "d-1"), 200, "names"),
 ]
 
 
@@ -234,6 +250,15 @@ def test_every_endpoint_routes(env: Env, transport: str, method: str, path: str,
     assert reply.headers["Content-Type"] == "application/json"
     assert key in reply.json()
     assert env.service.calls == [call]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"set": {"A": 1}}, "set"), ({"set": []}, "set"), ({"unset": "B"}, "unset"),
+    ({"unset": [1]}, "unset"), ({"restart": "no"}, "restart")])
+def test_env_change_refuses_bad_fields(env: Env, body: dict, field: str) -> None:
+    reply = env.unix("POST", "/deployments/d-1/env", body)
+    assert reply.status == 400 and reply.json()["error"]["field"] == field
+    assert env.service.calls == []
 
 
 def test_deploy_routes_with_the_parsed_request(env: Env) -> None:

@@ -113,7 +113,8 @@ def test_every_command_has_a_clear_help() -> None:
                 ("stop",), ("start",),
                 ("restart",), ("rm",), ("venv",), ("venv", "list"), ("venv", "prune"),
                 ("venv", "prewarm"), ("pack",), ("installer",), ("installer", "install-uv"),
-                ("token",), ("token", "create"), ("doctor",), ("version",)}
+                ("token",), ("token", "create"), ("doctor",), ("version",),
+                ("env",), ("env", "list"), ("env", "set"), ("env", "unset")}
     assert set(paths) == expected
     for path in paths:
         result = CliRunner().invoke(cli, [*path, "--help"])
@@ -534,6 +535,37 @@ def test_token_create_writes_a_root_only_file_once(app: App, tmp_path: Path,
     assert token_file.read_text() == value + "\n"
     forced = run(sockdir / "absent.sock", app, "token", "create", "--force")
     assert forced.exit_code == 0 and forced.output.strip() != value
+
+
+def test_env_set_follows_the_replacement_and_never_prints_values(pard: FakePard,
+                                                                 app: App) -> None:
+    seen: list[dict] = []
+
+    def accept(req: Seen, _match: object) -> tuple[int, dict]:
+        seen.append(req.body if isinstance(req.body, dict) else json.loads(req.body))
+        return 202, {"status": "accepted", "deploymentId": "hello-env-1"}
+
+    pard.on("POST", "/deployments/hello/env", accept)
+    pard.on("GET", "/deployments/hello-env-1", (200, record(deployment_id="hello-env-1")))
+    result = run(pard.socket_path, app, "env", "set", "hello", "API_KEY=s3cret", "MODE=x")
+    assert result.exit_code == 0, result.stderr
+    assert seen == [{"set": {"API_KEY": "s3cret", "MODE": "x"}, "unset": [], "restart": True}]
+    assert "s3cret" not in result.output + result.stderr
+    assert "hello-env-1" in result.output
+
+    seen.clear()
+    pard.on("POST", "/deployments/hello/env", accept)
+    result = run(pard.socket_path, app, "env", "unset", "hello", "MODE", "--no-restart")
+    assert result.exit_code == 0 and seen[0]["unset"] == ["MODE"]
+    assert seen[0]["restart"] is False
+    assert run(pard.socket_path, app, "env", "set", "hello", "1BAD=x").exit_code == 2
+
+
+def test_env_list_shows_names(pard: FakePard, app: App) -> None:
+    pard.on("GET", "/deployments/hello/env", (200, {"deploymentId": "hello-d1",
+                                                     "names": ["API_KEY", "MODE"]}))
+    result = run(pard.socket_path, app, "env", "list", "hello")
+    assert result.exit_code == 0 and result.output.split() == ["API_KEY", "MODE"]
 
 
 def test_parctl_without_a_command_is_a_usage_error(app: App, sockdir: Path) -> None:

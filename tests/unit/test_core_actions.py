@@ -192,3 +192,43 @@ def test_resolve_refuses_an_id_that_names_two_agents(core_env: CoreEnv) -> None:
     assert "victim" in err.value.message and "agent-x" in err.value.message
     assert resolve(e.store, "x-1").agent_app_id == "agent-x"
     assert resolve(e.store, "victim").deployment_id == "agent-x"
+
+
+def test_env_set_replaces_the_deployment_with_the_same_package_and_venv(
+        core_env: CoreEnv) -> None:
+    e = core_env
+    d1 = e.deploy("d1", e.package("p"), env={"KEEP": "k", "OLD": "o"})
+    assert d1.status == "healthy"
+    status, answer = e.actions.set_env(AGENT, {"NEW": "n", "KEEP": "k2"}, ["OLD"], True)
+    assert status == 202
+    new_id = answer["deploymentId"]
+    assert new_id.startswith(f"{AGENT}-env-")
+    d2 = e.wait(new_id)
+    assert (d2.status, d2.current, d2.env) == ("healthy", True, {"KEEP": "k2", "NEW": "n"})
+    assert (d2.venv, d2.package_digest, d2.ports) == (d1.venv, d1.package_digest, d1.ports)
+    assert e.store.get("d1").status == "stopped"
+    assert "k2" not in str(answer)  # values never come back
+    written = env_file_path(e.cfg, AGENT).read_text()
+    assert 'NEW="n"' in written and "OLD" not in written
+
+
+def test_env_set_without_restart_changes_the_next_start_only(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    pid = e.fake.status("par-agent@agent-a.service").main_pid
+    status, answer = e.actions.set_env("d1", {"LATER": "x"}, [], False)
+    assert status == 200 and answer["restart"] == "pending"
+    assert answer["deployment"]["request"]["env"] == {"LATER": "***"}
+    assert e.fake.ops() == [] and e.fake.status("par-agent@agent-a.service").main_pid == pid
+    assert 'LATER="x"' in env_file_path(e.cfg, AGENT).read_text()  # read at the next start
+    assert e.store.get("d1").env == {"LATER": "x"}
+
+
+def test_env_set_refuses_what_a_deploy_refuses(core_env: CoreEnv) -> None:
+    e = core_env
+    deployed(e)
+    for values, field in (({"LD_PRELOAD": "/x.so"}, "env.LD_PRELOAD"), ({"1BAD": "x"}, "env")):
+        with pytest.raises(ParError) as info:
+            e.actions.set_env(AGENT, values, [], True)
+        assert info.value.field == field, info.value
+    assert [d.deployment_id for d in e.store.deployments(agent_app_id=AGENT)] == ["d1"]
