@@ -62,6 +62,15 @@ def staged_inputs() -> tuple[Path, Path]:
     return stage / "bin" / "uv", stage / "wheelhouse"
 
 
+def write_token(root: Path) -> Path:
+    """The test token in a root-only file below `root` (pard refuses one others can read)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "token"
+    path.write_text(TEST_TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def _remove_stage(stage: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     try:

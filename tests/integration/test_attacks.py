@@ -25,6 +25,7 @@ from tests.integration.pard import (
     free_port,
     new_root,
     sh,
+    write_token,
 )
 
 from . import agents
@@ -96,10 +97,7 @@ def pard() -> Iterator[Pard]:
                                        f"{DENIED_TEST_ADDRESS}/32"]},
     })
     p.root.mkdir(parents=True, exist_ok=True)
-    token = p.root / "token"
-    token.write_text(TEST_TOKEN + "\n")
-    token.chmod(0o600)
-    p.config_extra["listen"]["token_file"] = str(token)
+    p.config_extra["listen"]["token_file"] = str(write_token(p.root))
     try:
         p.start()
         yield p

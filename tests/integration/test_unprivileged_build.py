@@ -31,7 +31,7 @@ from tests.httpfiles import serve_files
 from tests.wheels import build_wheel
 
 from . import agents
-from .pard import TEST_TOKEN, Pard, apkg_with, free_port, new_root
+from .pard import Pard, apkg_with, free_port, new_root, write_token
 
 MARK = f"unpriv-{uuid.uuid4().hex[:8]}"
 
@@ -133,8 +133,7 @@ def pard(served: str) -> Iterator[Pard]:
         "listen": {"tcp": f"127.0.0.1:{free_port()}"},
         "installer": {"offline": False, "index_url": f"{served}/no-index/"}})
     p.root.mkdir(parents=True, exist_ok=True)
-    (p.root / "token").write_text(TEST_TOKEN + "\n")
-    p.config_extra["listen"]["token_file"] = str(p.root / "token")
+    p.config_extra["listen"]["token_file"] = str(write_token(p.root))
     try:
         p.start()
         yield p
