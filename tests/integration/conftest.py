@@ -58,15 +58,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0,
 @pytest.fixture(scope="module")
 def pard():
     """A pard (par.service from the source tree) for the whole test module."""
-    from .pard import Pard, free_port, new_root, write_token
+    from .pard import running_pard
 
-    # sandboxes share the host's network: no fixed port, so several can run at once
-    p = Pard(new_root("pard"), config_extra={"listen": {"tcp": f"127.0.0.1:{free_port()}"}})
-    p.root.mkdir(parents=True, exist_ok=True)
-    p.config_extra["listen"]["token_file"] = str(write_token(p.root))
-    try:
-        p.start()
+    with running_pard("pard") as p:
         yield p
-    finally:
-        p.teardown()
 

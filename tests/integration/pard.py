@@ -10,6 +10,7 @@ network.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,21 @@ def write_token(root: Path) -> Path:
     path.write_text(TEST_TOKEN + "\n")
     path.chmod(0o600)
     return path
+
+
+@contextlib.contextmanager
+def running_pard(tag: str, **config_extra: dict) -> Iterator[Pard]:
+    """A started pard with a TCP listener (on a free port: sandboxes share the host's
+    network) and a root-only token, `config_extra` merged into its par.yaml; torn
+    down afterwards."""
+    listen = {"tcp": f"127.0.0.1:{free_port()}", **config_extra.pop("listen", {})}
+    p = Pard(new_root(tag), config_extra={"listen": listen, **config_extra})
+    listen["token_file"] = str(write_token(p.root))
+    try:
+        p.start()
+        yield p
+    finally:
+        p.teardown()
 
 
 def _remove_stage(stage: Path) -> None:

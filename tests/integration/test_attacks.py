@@ -24,8 +24,8 @@ from tests.integration.pard import (
     apkg_with,
     free_port,
     new_root,
+    running_pard,
     sh,
-    write_token,
 )
 
 from . import agents
@@ -91,18 +91,9 @@ def show(unit: str, *props: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pard() -> Iterator[Pard]:
-    p = Pard(new_root("atk"), config_extra={
-        "listen": {"tcp": f"127.0.0.1:{free_port()}"},
-        "agents": {"ip_address_deny": ["169.254.169.254/32", "fd00:ec2::254/128",
-                                       f"{DENIED_TEST_ADDRESS}/32"]},
-    })
-    p.root.mkdir(parents=True, exist_ok=True)
-    p.config_extra["listen"]["token_file"] = str(write_token(p.root))
-    try:
-        p.start()
+    with running_pard("atk", agents={"ip_address_deny": [
+            "169.254.169.254/32", "fd00:ec2::254/128", f"{DENIED_TEST_ADDRESS}/32"]}) as p:
         yield p
-    finally:
-        p.teardown()
 
 
 def deployed(pard: Pard, agent_id: str, org: str = "org-test", **kw) -> dict:

@@ -31,7 +31,7 @@ from tests.httpfiles import serve_files
 from tests.wheels import build_wheel
 
 from . import agents
-from .pard import Pard, apkg_with, free_port, new_root, write_token
+from .pard import Pard, apkg_with, new_root, running_pard
 
 MARK = f"unpriv-{uuid.uuid4().hex[:8]}"
 
@@ -129,16 +129,9 @@ def served(files_root: Path) -> Iterator[str]:
 def pard(served: str) -> Iterator[Pard]:
     """A pard that may reach the network (URL requirements), with the offline
     wheelhouse still as its only index."""
-    p = Pard(new_root("unpriv"), config_extra={
-        "listen": {"tcp": f"127.0.0.1:{free_port()}"},
-        "installer": {"offline": False, "index_url": f"{served}/no-index/"}})
-    p.root.mkdir(parents=True, exist_ok=True)
-    p.config_extra["listen"]["token_file"] = str(write_token(p.root))
-    try:
-        p.start()
+    with running_pard("unpriv", installer={"offline": False,
+                                           "index_url": f"{served}/no-index/"}) as p:
         yield p
-    finally:
-        p.teardown()
 
 
 def _shadow_lines() -> list[str]:
