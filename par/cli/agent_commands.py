@@ -110,7 +110,7 @@ def not_found_hint(err: ApiError, ident: str) -> ApiError:
 
 def resolve(client: Client, ident: str) -> dict:
     """The deployment an ID names; pard reads it as a deploymentId, else as an agent id
-    (its current deployment, else its latest).  Not found is a 404 ApiError (exit 3)."""
+    (its current deployment, else its latest).  Not found is a 404 ApiError (exit 4)."""
     try:
         return client.deployment(ident)
     except ApiError as err:

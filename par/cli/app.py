@@ -27,9 +27,10 @@ from par.errors import ParError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # click's own code for usage errors
-EXIT_NOT_FOUND = 3
-EXIT_NOT_RUNNING = 3  # systemctl status: the unit is not running
-EXIT_UNREACHABLE = 4
+# Where parctl and systemctl say the same thing, they say it with the same code.
+EXIT_NOT_RUNNING = 3  # systemctl status: the unit is not active
+EXIT_NOT_FOUND = 4  # systemctl: no such unit
+EXIT_UNREACHABLE = 69  # sysexits.h EX_UNAVAILABLE: pard is not answering
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,7 +71,7 @@ class App:
 
 
 def exit_code(err: ParError) -> int:
-    """The exit code for an error: 4 unreachable, 3 not found, 1 anything else."""
+    """The exit code for an error: 69 unreachable, 4 not found, 1 anything else."""
     if isinstance(err, DaemonUnreachable):
         return EXIT_UNREACHABLE
     if err.status == 404 or err.code == "not_found":

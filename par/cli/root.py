@@ -29,12 +29,13 @@ def cli(ctx: click.Context, socket: Path | None) -> None:
     in its own venv. Every command that prints data takes --json.
 
     \b
-    Exit codes:
+    Exit codes (systemctl's where they mean the same):
       0  ok
       1  the operation failed (the message says why)
       2  usage error (unknown option, bad argument)
-      3  not found (no such agent or deployment)
-      4  pard unreachable (start it with `systemctl start par`)
+      3  status: the agent is not running healthy
+      4  not found (no such agent or deployment)
+      69 pard unreachable (start it with `systemctl start par`)
 
     \b
     Examples:

@@ -139,9 +139,9 @@ def test_doctor_healthy_and_version(pard: Pard) -> None:
     assert ok(parctl("version"))
 
 
-def test_unreachable_pard_exits_4_with_the_hint(pard: Pard, tmp_path: Path) -> None:
+def test_unreachable_pard_exits_69_with_the_hint(pard: Pard, tmp_path: Path) -> None:
     res = parctl("list", socket=tmp_path / "nope.sock")
-    assert res.returncode == 4
+    assert res.returncode == 69
     assert "systemctl start par" in res.stderr
     assert "Traceback" not in res.stderr
     pard.stop()
@@ -149,14 +149,14 @@ def test_unreachable_pard_exits_4_with_the_hint(pard: Pard, tmp_path: Path) -> N
         res = parctl("doctor")
         assert res.returncode == 1 and "fail" in res.stdout
         res = parctl("status", "anything")
-        assert res.returncode == 4 and "systemctl start par" in res.stderr
+        assert res.returncode == 69 and "systemctl start par" in res.stderr
     finally:
         pard.start()
 
 
-def test_not_found_exits_3(pard: Pard) -> None:
+def test_not_found_exits_4_as_systemctl_does(pard: Pard) -> None:
     res = parctl("status", "no-such-agent-cli")
-    assert res.returncode == 3
+    assert res.returncode == 4
 
 
 @pytest.mark.parametrize("cmd", [[], ["deploy"], ["list"], ["status"], ["logs"], ["rm"], ["venv"],

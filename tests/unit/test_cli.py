@@ -102,8 +102,9 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tupl
 def test_top_level_help_documents_the_exit_codes() -> None:
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for line in ("0  ok", "1  the operation failed", "2  usage error", "3  not found",
-                 "4  pard unreachable (start it with `systemctl start par`)"):
+    for line in ("0  ok", "1  the operation failed", "2  usage error",
+                 "3  status: the agent is not running", "4  not found",
+                 "69 pard unreachable (start it with `systemctl start par`)"):
         assert line in result.output
 
 
@@ -434,17 +435,17 @@ def test_actions_call_their_endpoint(pard: FakePard, app: App, args: list[str], 
     assert isinstance(json.loads(result.output), dict)
 
 
-def test_unknown_agent_exits_3(pard: FakePard, app: App) -> None:
+def test_unknown_agent_exits_4(pard: FakePard, app: App) -> None:
     # the fake answers 404 not_found for every route it does not know
     result = run(pard.socket_path, app, "status", "ghost")
-    assert result.exit_code == 3
+    assert result.exit_code == 4
     assert result.stderr == ("parctl: no agent or deployment named 'ghost' "
                              "(parctl list shows the agents)\n")
 
     for args in (["stop", "ghost", "--json"], ["rm", "ghost", "--json"],
                  ["health", "ghost", "--json"]):
         result = run(pard.socket_path, app, *args)
-        assert result.exit_code == 3, args
+        assert result.exit_code == 4, args
         assert json.loads(result.output)["error"]["code"] == "not_found"
 
 
@@ -457,12 +458,12 @@ def test_api_error_exits_1_with_its_message(pard: FakePard, app: App) -> None:
     assert result.stderr == "parctl: deploymentId x exists with another body\n"
 
 
-def test_pard_not_running_exits_4_with_one_line(sockdir: Path, app: App) -> None:
+def test_pard_not_running_exits_69_with_one_line(sockdir: Path, app: App) -> None:
     sock = sockdir / "par.sock"
     for args in (["list"], ["status", "hello"], ["venv", "list"], ["deploy", "https://x/a", "--id",
                                                                      "a", "--version", "1"]):
         result = run(sock, app, *args)
-        assert result.exit_code == 4, args
+        assert result.exit_code == 69, args
         assert result.stderr == (f"parctl: pard is not running (no socket at {sock}): "
                                  "start it with `systemctl start par`\n")
         assert result.output == ""
@@ -687,14 +688,14 @@ def test_process_exit_codes(pard: FakePard, sockdir: Path) -> None:
     missing = sockdir / "nothing.sock"
 
     proc = parctl("list", env={"PARCTL_SOCKET": str(missing)})
-    assert proc.returncode == 4
+    assert proc.returncode == 69
     assert proc.stderr == (f"parctl: pard is not running (no socket at {missing}): "
                            "start it with `systemctl start par`\n")
     assert proc.stdout == ""
 
     proc = parctl("--socket", str(pard.socket_path), "health", "ghost")
     assert (proc.returncode, proc.stderr) == (
-        3, "parctl: no agent or deployment named 'ghost' (parctl list shows the agents)\n")
+        4, "parctl: no agent or deployment named 'ghost' (parctl list shows the agents)\n")
 
     assert parctl("no-such-command").returncode == 2
 
