@@ -7,9 +7,7 @@ Each one parses, calls pard through `par.client` and hands the answer to
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 
@@ -65,30 +63,26 @@ def deploy(app: App, source: str, agent_opt: str | None, version_opt: str | None
     agent_opt = option_id(agent_opt, "--id", ids.agent_id)
     version_opt = option_id(version_opt, "--version", ids.version)
     client = app.client()
-    with tempfile.TemporaryDirectory(prefix="parctl-") as workdir:
-        src = resolve_source(source, Path(workdir))
-        agent, version = agent_and_version(src, agent_opt, version_opt)
-        body = deploy_body(src, agent, version, org=org, sha256=sha256, memory=memory, cpu=cpu,
-                           stop_timeout=stop_timeout, env=env)
-        accepted = client.deploy(body)
-        deployment_id = accepted.get("deploymentId") or body["deploymentId"]
-        printer = (None if as_json else
-                   progress.PhasePrinter(app.isatty(), lambda s: click.echo(s, nl=False)))
-        if printer is not None:
-            printer.line(f"deploying {agent} {version} (deployment {deployment_id})")
-        try:
-            if no_wait:
-                if src.temporary:
-                    # The packed file goes away with this process: let pard copy it first.
-                    progress.wait_for(app, client, deployment_id, None, until_taken=True)
-                show(as_json, accepted,
-                     lambda _: [f"accepted; follow it with: parctl status {agent}"])
-                return
-            record = progress.wait_for(app, client, deployment_id, printer)
-        except KeyboardInterrupt:
-            click.echo(f"\nparctl: stopped waiting; pard goes on with the deploy: "
-                       f"parctl status {agent}", err=True)
-            raise click.exceptions.Exit(130) from None
+    src = resolve_source(source)
+    agent, version = agent_and_version(src, agent_opt, version_opt)
+    body = deploy_body(src, agent, version, org=org, sha256=sha256, memory=memory, cpu=cpu,
+                       stop_timeout=stop_timeout, env=env)
+    accepted = client.deploy(body)
+    deployment_id = accepted.get("deploymentId") or body["deploymentId"]
+    printer = (None if as_json else
+               progress.PhasePrinter(app.isatty(), lambda s: click.echo(s, nl=False)))
+    if printer is not None:
+        printer.line(f"deploying {agent} {version} (deployment {deployment_id})")
+    try:
+        if no_wait:
+            show(as_json, accepted,
+                 lambda _: [f"accepted; follow it with: parctl status {agent}"])
+            return
+        record = progress.wait_for(app, client, deployment_id, printer)
+    except KeyboardInterrupt:
+        click.echo(f"\nparctl: stopped waiting; pard goes on with the deploy: "
+                   f"parctl status {agent}", err=True)
+        raise click.exceptions.Exit(130) from None
     if printer is not None:
         printer.line(str(record.get("status")))  # the last line of the phases
     show(as_json, record, views.deployed)

@@ -2,13 +2,17 @@
 
 A folder is packed into an .apkg (par.pack), an .apkg is used in place, and
 both are handed to pard as file:// URLs: pard runs as root on this host, so it
-reads the file parctl points it at.  An http(s) URL is passed on unread.
+reads the file parctl points it at.  Packed folders are kept in parctl's cache
+(`$XDG_CACHE_HOME/parctl/packages`, the newest few per agent), named by their
+bytes, so a deployment record's packageUrl names a file that still exists.
+An http(s) URL is passed on unread.
 agent.yaml is read with par.manifest, by the rules pard applies to it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 import zipfile
@@ -45,8 +49,32 @@ class PackageSource:
     name: str | None = None  # agent.yaml's name and version, when local
     version: str | None = None
     sha256: str | None = None
-    # A file parctl made: it must outlive pard's download of it.
-    temporary: bool = False
+
+# Packed folders kept per agent name in parctl's cache (older ones are deleted).
+KEEP_PACKED = 5
+
+
+def packed_cache() -> Path:
+    """Where parctl keeps the packages it packs: $XDG_CACHE_HOME/parctl/packages."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "parctl" / "packages"
+
+
+def pack_into_cache(folder: Path, manifest: Manifest, cache: Path) -> Path:
+    """Pack `folder` as `{name}-{version}-{sha12}.apkg` in `cache`; keep the newest
+    KEEP_PACKED of that name."""
+    from par.pack import pack_folder  # lazily: only a folder deploy needs the packer
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = pack_folder(folder, cache / f".{manifest.name}-{secrets.token_hex(4)}.tmp")
+    final = cache / f"{manifest.name}-{manifest.version}-{sha256_file(tmp)[:12]}.apkg"
+    os.replace(tmp, final)
+    final.touch()  # the newest, also when the same bytes were packed before
+    mine = sorted(cache.glob(f"{manifest.name}-*.apkg"), key=lambda p: p.stat().st_mtime,
+                  reverse=True)
+    for old in mine[KEEP_PACKED:]:
+        old.unlink(missing_ok=True)
+    return final
 
 
 def folder_manifest(folder: Path) -> Manifest:
@@ -109,18 +137,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_source(source: str, workdir: Path) -> PackageSource:
-    """An http(s) URL as is; an .apkg or a folder (packed into `workdir`) as a file:// URL."""
+def resolve_source(source: str, cache: Path | None = None) -> PackageSource:
+    """An http(s) URL as is; an .apkg or a folder (packed into `cache`, by default
+    parctl's cache) as a file:// URL."""
     if source.startswith(("http://", "https://")):
         return PackageSource(url=source)
     path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     if path.is_dir():
         manifest = folder_manifest(path)
-        from par.pack import pack_folder  # lazily: only a folder deploy needs the packer
-
-        package = pack_folder(path, workdir / f"{path.resolve().name or 'agent'}.apkg")
+        package = pack_into_cache(path, manifest, cache or packed_cache())
         return PackageSource(package.resolve().as_uri(), True, manifest.name, manifest.version,
-                             sha256_file(package), temporary=True)
+                             sha256_file(package))
     if path.is_file():
         name, version = apkg_name_version(path)
         return PackageSource(path.resolve().as_uri(), True, name, version, sha256_file(path))

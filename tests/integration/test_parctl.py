@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,19 @@ from .conftest import wait_for
 from .pard import EXAMPLES, Pard, agent_get, apkg_with
 
 
+# parctl keeps the folders it packs in $XDG_CACHE_HOME: a folder of this run's
+PARCTL_CACHE = Path(tempfile.gettempdir()) / f"parctl-cache-{os.getpid()}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parctl_cache_removed() -> Iterator[None]:
+    yield
+    shutil.rmtree(PARCTL_CACHE, ignore_errors=True)
+
+
 def parctl(*args: str, timeout: float = 300,
            socket: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(PARCTL_CACHE)}
     if socket is not None:
         env["PARCTL_SOCKET"] = str(socket)
     return subprocess.run([sys.executable, "-m", "par.cli", *args], capture_output=True, text=True,

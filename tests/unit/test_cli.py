@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 
 from par import __version__
 from par.cli import App, cli, progress
+from par.cli.deploy_source import KEEP_PACKED, resolve_source
 from par.cli.progress import PhasePrinter
 from par.client import Client
 from tests.unit.test_client import (
@@ -38,8 +39,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> App:
-    """No polling delay; a config of our own (state and cache dirs in tmp)."""
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> App:
+    """No polling delay; a config of our own (state and cache dirs in tmp), and parctl's
+    cache of packed folders in tmp."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     state, cache = tmp_path / "state", tmp_path / "cache"
     state.mkdir(mode=0o755)
     cache.mkdir(mode=0o755)
@@ -159,7 +162,10 @@ def test_deploy_folder_packs_it_and_shows_the_phases(pard: FakePard, app: App,
     assert body["agentAppId"] == "hello" and body["version"] == "1.2.0"
     assert body["packageUrl"].startswith("file:///")
     assert seen_package == [True], "pard must get a readable .apkg with the announced sha256"
-    assert not Path(unquote(urlsplit(body["packageUrl"]).path)).exists(), "temp package left behind"
+    # kept in parctl's cache, named by its bytes: the record's packageUrl stays valid
+    kept = Path(unquote(urlsplit(body["packageUrl"]).path))
+    assert kept.is_file() and kept.parent == tmp_path / "xdg-cache" / "parctl" / "packages"
+    assert kept.name == f"hello-1.2.0-{body['packageSha256'][:12]}.apkg"
     assert re.fullmatch(r"hello-\d{8}T\d{6}Z-[0-9a-f]{4}", body["deploymentId"])
     lines = result.output.splitlines()
     for expected in ("downloading ... 0.1s", "building venv: uv 3.2s", "starting ... 0.8s",
@@ -239,19 +245,27 @@ def test_deploy_folder_without_manifest_fails_before_calling_pard(pard: FakePard
     assert pard.requests == []
 
 
-def test_deploy_folder_no_wait_keeps_the_package_until_pard_has_it(pard: FakePard, app: App,
-                                                                  tmp_path: Path) -> None:
-    pytest.importorskip("par.pack", reason="par.pack (pack_folder) is not written yet")
+def test_deploy_folder_no_wait_returns_at_once_and_keeps_the_package(
+        pard: FakePard, app: App, tmp_path: Path) -> None:
     folder = make_agent(tmp_path, "name: hello\nversion: '1.0.0'\n")
     script_deploy(pard)
     result = run(pard.socket_path, app, "deploy", str(folder), "--no-wait")
     assert result.exit_code == 0, result.stderr
     assert "parctl status hello" in result.output
-    dep = deploy_body(pard).body["deploymentId"]
-    # pending, downloading, then loading: pard has copied the package, parctl may delete it
-    calls = pard.calls()[1:]
-    assert [c.split("?")[0] for c in calls] == [f"GET /deployments/{dep}"] * 3
-    assert "wait=30&since=" in calls[1] and "wait=30&since=" in calls[2]
+    assert pard.calls()[1:] == []  # nothing to wait for: the packed file stays
+    assert Path(unquote(urlsplit(deploy_body(pard).body["packageUrl"]).path)).is_file()
+
+
+def test_parctl_keeps_the_newest_packed_folders_per_agent(tmp_path: Path) -> None:
+    folder = make_agent(tmp_path, "name: hello\nversion: '1.0.0'\n")
+    cache = tmp_path / "cache"
+    kept = []
+    for i in range(KEEP_PACKED + 2):
+        (folder / "data.txt").write_text(str(i))  # other bytes, another package
+        kept.append(resolve_source(str(folder), cache).url)
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == KEEP_PACKED and not any(n.startswith(".") for n in names)
+    assert all(Path(unquote(urlsplit(u).path)).is_file() for u in kept[-KEEP_PACKED:])
 
 
 def test_deploy_failure_shows_the_daemons_message_and_exits_1(pard: FakePard, app: App) -> None:
