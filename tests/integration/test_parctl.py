@@ -20,7 +20,6 @@ from . import agents
 from .conftest import wait_for
 from .pard import EXAMPLES, Pard, agent_get, apkg_with
 
-
 # parctl keeps the folders it packs in $XDG_CACHE_HOME: a folder of this run's
 PARCTL_CACHE = Path(tempfile.gettempdir()) / f"parctl-cache-{os.getpid()}"
 
