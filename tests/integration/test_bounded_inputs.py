@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import wait_for
 from tests.integration.pard import Pard, temp_leftovers
 from tests.reliability_cases import (
     Answer,
@@ -288,9 +289,12 @@ def test_history_and_packages_pruned(pard: Pard, files: Path) -> None:
         d = pard.deploy(agent, apkg, version=version)
         assert d["status"] == "healthy", d
         ids.append(d["deploymentId"])
+    def versions(folder: str, pattern: str) -> list[str]:
+        return sorted(p.name.split("@")[1] for p in (pard.state / folder).glob(pattern))
+
+    # pruning ends a moment after the deploy is healthy: wait for it, not for a guess
+    want = ["1.0.4", "1.0.5"]
+    wait_for(lambda: versions("packages", f"{agent}@*.apkg") == want
+             and versions("extracted", f"{agent}@*") == want, timeout=10)
     listed = [x["deploymentId"] for x in pard.client().deployments(agent)["deployments"]]
     assert listed == list(reversed(ids))[:1 + RETENTION["history_deployments"]], listed
-    kept = sorted(p.name for p in (pard.state / "packages").glob(f"{agent}@*.apkg"))
-    extracted = sorted(p.name for p in (pard.state / "extracted").glob(f"{agent}@*"))
-    assert [n.split("@")[1] for n in kept] == ["1.0.4", "1.0.5"], kept
-    assert [n.split("@")[1] for n in extracted] == ["1.0.4", "1.0.5"], extracted
