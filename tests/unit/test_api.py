@@ -97,8 +97,8 @@ class FakeService:
         self._call("prewarm", requirements)
         return {"seconds": 0.1}
 
-    def install_uv(self) -> dict:
-        self._call("install_uv")
+    def install_uv(self, version: str | None = None) -> dict:
+        self._call("install_uv", version)
         return {"path": "/x/uv", "version": "0.5"}
 
 
@@ -220,7 +220,9 @@ ROUTES = [
     ("POST", "/venvs/prune", None, ("prune_venvs",), 200, "evicted"),
     ("POST", "/venvs/prewarm", {"requirements": "requests==2.28.1\n"},
      ("prewarm", "requests==2.28.1\n"), 200, "seconds"),
-    ("POST", "/installer/install-uv", None, ("install_uv",), 200, "version"),
+    ("POST", "/installer/install-uv", None, ("install_uv", None), 200, "version"),
+    ("POST", "/installer/install-uv", {"version": "0.13.9"}, ("install_uv", "0.13.9"), 200,
+     "version"),
 ]
 
 
