@@ -134,6 +134,7 @@ def pard(served: str) -> Iterator[Pard]:
         "installer": {"offline": False, "index_url": f"{served}/no-index/"}})
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "token").write_text(TEST_TOKEN + "\n")
+    (p.root / "token").chmod(0o600)  # pard refuses a token others can read
     p.config_extra["listen"]["token_file"] = str(p.root / "token")
     try:
         p.start()
