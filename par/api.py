@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -65,7 +66,7 @@ class Service(Protocol):
     def venvs(self) -> list[dict]: ...
     def prune_venvs(self) -> dict: ...
     def prewarm(self, requirements: str) -> dict: ...
-    def install_uv(self) -> dict: ...
+    def install_uv(self, version: str | None = None) -> dict: ...
 
 
 # ---- routes: (method, pattern) → function(service, request) -> Response -------
@@ -254,7 +255,11 @@ def _env_names(svc: Service, req: Request) -> Response:
 
 
 def _install_uv(svc: Service, req: Request) -> Response:
-    return Response(200, svc.install_uv())
+    version = _json_body(req).get("version") if req.body else None
+    if version is not None and (not isinstance(version, str)
+                                or not re.fullmatch(r"[0-9]+(\.[0-9]+){1,3}", version)):
+        raise ParError("invalid_field", "version must be a uv release like 0.13.9", "version")
+    return Response(200, svc.install_uv(version))
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,22 @@ SYSTEMCTL = "/usr/bin/systemctl"
 # Seconds systemd-run may take beyond the unit's RuntimeMaxSec= before pard gives up on it.
 GRACE_S = 15.0
 STOP_TIMEOUT_S = 30.0
-# The variables of pard's environment a build keeps: the operator's proxy, CA and
-# locale settings.  Nothing else passes (PIP_*, UV_*, PYTHON* included).
-PASSED_ENV = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY",
-              "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
-              "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "LANG", "LC_ALL", "LC_CTYPE")
+# The variables of pard's environment a build keeps: what an operator sets for
+# par.service (a systemd drop-in, docs/security.md) to reach an index: proxies,
+# CAs, the index and its credentials, timeouts; and the locale.  Nothing else of
+# pard's passes (no PYTHON*, no other PIP_*/UV_* such as PIP_TARGET or
+# UV_PYTHON), and nothing of a package's: a build gets no agent's environment.
+# PAR's own options (cache, link mode, no config files) are set after these and win.
+PASSED_ENV = (
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+    "NO_PROXY", "ALL_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST", "PIP_CERT",
+    "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES",
+    "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_FIND_LINKS",
+    "UV_INSECURE_HOST", "UV_NATIVE_TLS", "UV_SYSTEM_CERTS", "UV_HTTP_TIMEOUT",
+    "UV_HTTP_RETRIES", "UV_INDEX_STRATEGY", "UV_KEYRING_PROVIDER",
+    "LANG", "LC_ALL", "LC_CTYPE")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Paths go into space-separated unit properties: refuse what would split them.
 _SAFE_PATH_RE = re.compile(r"^/[^\s:\"'\\]*$")

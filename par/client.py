@@ -155,9 +155,12 @@ class Client:
         return self._json("POST", "/venvs/prewarm", body={"requirements": requirements},
                           timeout=LONG_TIMEOUT_S)
 
-    def install_uv(self) -> dict:
-        """POST /installer/install-uv: `{"path", "version"}` of the uv binary pard now uses."""
-        return self._json("POST", "/installer/install-uv", timeout=LONG_TIMEOUT_S)
+    def install_uv(self, version: str | None = None) -> dict:
+        """POST /installer/install-uv: `{"path", "version"}` of the uv binary pard now uses
+        (`version`: that uv release, default installer.uv_version)."""
+        return self._json("POST", "/installer/install-uv",
+                          body={"version": version} if version else None,
+                          timeout=LONG_TIMEOUT_S)
 
     # -- transport ---------------------------------------------------------
 

@@ -75,8 +75,12 @@ class Listen:
 
 @dataclass(frozen=True)
 class Installer:
-    kind: str = setting("auto", "auto (uv when found, else pip), uv or pip.")
+    kind: str = setting(
+        "auto", "auto (uv when found, else pip while pard fetches uv_version), uv or pip.")
     uv_path: Path | None = setting(None, "uv binary; null = state_dir/tools/uv, then PATH.")
+    uv_version: str = setting(
+        "0.13.9", "The uv pard fetches into state_dir/tools (kind auto, once, in the "
+                  "background) and `parctl installer install-uv` installs by default.")
     python: Path = setting(Path("/usr/bin/python3"), "Interpreter every venv is built from.")
     index_url: str | None = setting(None, "Package index; null = pip's/uv's default.")
     extra_index_urls: list[str] = setting(factory=list, doc="Extra package indexes.")
@@ -263,6 +267,9 @@ def _check(cfg: Config) -> None:
                           "installer.build_user")
     if cfg.installer.kind not in ("auto", "uv", "pip"):
         raise ConfigError("installer.kind: expected one of auto, uv, pip", "installer.kind")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+){1,3}", cfg.installer.uv_version):
+        raise ConfigError("installer.uv_version: expected a release like 0.13.9",
+                          "installer.uv_version")
     for name in ("rest", "a2a", "ui"):
         rng = getattr(cfg.ports, name)
         if len(rng) != 2 or not (1024 <= rng[0] <= rng[1] <= 65535):

@@ -127,6 +127,9 @@ class Daemon:
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
         core = Core(cfg=cfg, store=store, systemd=Systemd(), venvs=VenvManager(cfg, self.logger),
                     logger=self.logger, host_dir=install_host(cfg))
+        if core.venvs.start_uv_bootstrap():  # kind auto, no uv: fetched in the background
+            log.event(self.logger, "No uv on this host: builds use pip until it is fetched",
+                      version=cfg.installer.uv_version)
         locks = AgentLocks()
         self.deployer = Deployer(core, locks, cfg.workers)
         report = reconcile(core, locks)

@@ -196,8 +196,10 @@ class Deployer:
         venv = pipeline.venv(core, req, pkg, created)
         store.update(did, venv=venv.name, venv_reused=venv.reused)
         store.end_phase(did, "loading")
+        why_pip = None if venv.reused or venv.installer != "pip" else core.venvs.fallback_reason()
         store.add_event(did, agent, "Reusing existing venv" if venv.reused else "Venv built",
-                        venv=venv.name, installer=venv.installer, seconds=venv.seconds)
+                        venv=venv.name, installer=venv.installer, seconds=venv.seconds,
+                        **({"installer_reason": why_pip} if why_pip else {}))
 
         store.start_phase(did, "starting", "starting")
         previous = store.current(agent)

@@ -2,8 +2,9 @@
 
 Two implementations behind one small interface: `UvInstaller` (fast: a shared
 cache hardlinked into every venv) and `PipInstaller` (always available, the
-fallback).  `select_installer` picks one from the config; `install_uv` gives a
-Debian host (which has no uv package) a uv binary from the configured index.
+fallback: the host's pip installs into a venv that has no pip of its own, see
+par.host_pip).  `select_installer` picks one from the config; par.uv_bootstrap
+gives a Debian host (which has no uv package) a uv binary from the configured index.
 
 Installers only run commands and turn failures into `ParError`s; where venvs
 live, their names, metadata and locks belong to `par.venvs`.  Creating an
@@ -15,12 +16,8 @@ requirements, which runs package code (an sdist's build), runs through a
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import tempfile
 import threading
-import time
-import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -30,7 +27,7 @@ from par.build_sandbox import DEFAULT_PATH, Runner, build_env, runner_for
 from par.config import Config
 from par.config import Installer as InstallerConfig
 from par.errors import ParError
-from par.fsutil import fsync_dir, remove_tree
+from par.host_pip import HostPipCache
 
 __all__ = ["DEFAULT_PATH", "build_env"]  # re-exported: what an installer run's env is
 
@@ -41,15 +38,12 @@ VERSION_TIMEOUT_S = 30.0
 TAIL_LINES = 40
 
 _DISK_FULL_MARKERS = ("No space left on device", "os error 28", "Errno 28", "ENOSPC")
-_UV_SCRIPT_RE = re.compile(r"^uv-[^/]+\.data/scripts/uv$")
-# Debian's python3-pip-whl (a dependency of python3-venv): pip runs from its wheel.
-DEBIAN_PIP_WHEELS = Path("/usr/share/python-wheels")
 
 
 def _env(overrides: dict[str, str | None]) -> dict[str, str]:
-    """The child environment: only the operator's proxy, CA and locale variables of
-    ours (never PIP_*, UV_* or PYTHON*: PAR passes its options explicitly, so no
-    environment can change a build), then `overrides`."""
+    """The child environment: only the operator's variables of ours that
+    build_sandbox.PASSED_ENV lists (proxy, CA, index, locale; never PYTHON*, and
+    nothing a package sets), then `overrides`."""
     return build_env({"HOME": "/tmp", **overrides})
 
 
@@ -286,6 +280,12 @@ class UvInstaller(Installer):
             # Hardlinks from the cache: near-zero copy time and disk per venv.
             "UV_LINK_MODE": "hardlink",
             "UV_PYTHON_DOWNLOADS": "never",
+            # trust what the host trusts (Debian's store, update-ca-certificates), as pip
+            # does, not the roots bundled in uv: UV_SYSTEM_CERTS (uv >= 0.9), and
+            # UV_NATIVE_TLS for an older uv an operator points uv_path at (a newer uv
+            # ignores it when UV_SYSTEM_CERTS is set)
+            "UV_SYSTEM_CERTS": "1",
+            "UV_NATIVE_TLS": "1",
             # no uv.toml of the host or of a user: PAR passes every option itself
             "UV_NO_CONFIG": "1",
             "NO_COLOR": "1",
@@ -327,9 +327,16 @@ class UvInstaller(Installer):
 
 
 class PipInstaller(Installer):
-    """`python -m venv` (with pip), then the venv's own `pip install`."""
+    """`python -m venv --without-pip`, then the host's pip installs into it
+    (`pip --python <venv>/bin/python install`): no venv carries a pip of its own;
+    pard then adds bytecode from the shared store, as for uv."""
 
     name = "pip"
+    shared_bytecode = True
+
+    def __init__(self, cfg: Config, runner: Runner | None = None) -> None:
+        super().__init__(cfg, runner)
+        self.host_pip = HostPipCache(cfg.installer.python)
 
     @property
     def cache_dir(self) -> Path:
@@ -337,34 +344,26 @@ class PipInstaller(Installer):
 
     def create_venv(self, *, path: Path, python: Path, prompt: str | None = None,
                     timeout: float = CREATE_TIMEOUT_S) -> None:
-        self._run_create([str(python), "-m", "venv", *_prompt(prompt), str(path)], path, timeout)
+        argv = [str(python), "-m", "venv", "--without-pip", *_prompt(prompt), str(path)]
+        self._run_create(argv, path, timeout)
 
     def install(self, *, venv_path: Path, requirements_file: Path,
                 timeout: float) -> procs.ProcResult:
+        pip = self.host_pip.get()
         argv = [
-            str(venv_python(venv_path)), "-m", "pip", "install",
+            *pip.install_command(venv_python(venv_path)), "install",
             "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
             "--cache-dir", str(self.cache_dir),
+            # pard compiles into the shared store after the build (compile_bytecode)
+            "--no-compile",
         ]
-        if not self.cfg.installer.compile_bytecode:
-            argv.append("--no-compile")  # pip compiles by default
         argv += index_args(self.cfg.installer, uv=False)
         argv += ["-r", str(requirements_file)]
         env = _env({"PIP_CONFIG_FILE": os.devnull})  # no pip.conf of the host or a user
-        return self._run_build(argv, venv_path, self.cache_dir, [], env, timeout)
+        return self._run_build(argv, venv_path, self.cache_dir, pip.readable, env, timeout)
 
     def _query_version(self) -> str:
-        # The pip a new venv gets is the one ensurepip bundles.
-        result = procs.run(
-            [str(self.cfg.installer.python), "-I", "-c",
-             "import ensurepip; print(ensurepip.version())"],
-            timeout=VERSION_TIMEOUT_S, env=_env({}),
-        )
-        if not result.ok:
-            raise ParError("installer_broken",
-                           f"{self.cfg.installer.python} has no ensurepip (install python3-venv): "
-                           f"{result.tail(5)}", "installer.python", 500)
-        return result.output.strip()
+        return self.host_pip.get().version
 
 
 def _executable(path: Path | None) -> Path | None:
@@ -403,80 +402,3 @@ def select_installer(cfg: Config) -> Installer:
             500,
         )
     return PipInstaller(cfg)
-
-
-def _remaining(deadline: float, what: str, timeout: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise ParError("uv_install_failed", f"{what}: timed out after {timeout:g} s", None, 504)
-    return left
-
-
-def _pip_command(cfg: Config, work: Path, deadline: float, timeout: float) -> list[str]:
-    """argv prefix running a pip: Debian's bundled pip wheel run directly (no
-    venv needed), else the pip of a throwaway venv created in `work`."""
-    wheels = sorted(DEBIAN_PIP_WHEELS.glob("pip-*.whl"))
-    if wheels:
-        return [str(cfg.installer.python), "-I", f"{wheels[-1]}/pip"]
-    venv = work / "venv"
-    result = procs.run([str(cfg.installer.python), "-m", "venv", str(venv)],
-                       timeout=_remaining(deadline, "creating pip venv", timeout), env=_env({}))
-    if not result.ok:
-        raise ParError("uv_install_failed",
-                       f"creating a venv for pip failed:\n{result.tail(TAIL_LINES)}", None, 500)
-    return [str(venv_python(venv)), "-m", "pip"]
-
-
-def install_uv(cfg: Config, timeout: float = 300.0) -> Path:
-    """Fetch the `uv` wheel from the configured index (or find_links) and put its
-    binary at `layout.tools(cfg) / "uv"`; return that path.
-
-    pip downloads the wheel (`--only-binary=:all: --no-deps`),
-    the binary is taken from the wheel's `.data/scripts/`, checked with
-    `--version` and renamed into place, so a failure leaves the old binary (or
-    none) untouched.
-    """
-    tools = layout.tools(cfg)
-    tools.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    work = Path(tempfile.mkdtemp(prefix=".install-uv-", dir=tools))
-    try:
-        pip = _pip_command(cfg, work, deadline, timeout)
-        download = work / "download"
-        argv = [
-            *pip, "download", "uv",
-            "--only-binary=:all:", "--no-deps", "--no-input", "--disable-pip-version-check",
-            "--progress-bar", "off", "--dest", str(download),
-            *index_args(cfg.installer, uv=False),
-        ]
-        result = procs.run(argv, timeout=_remaining(deadline, "downloading uv", timeout),
-                           env=_env({}))
-        if not result.ok:
-            raise ParError("uv_install_failed",
-                           f"downloading the uv wheel failed:\n{result.tail(TAIL_LINES)}",
-                           None, 502)
-        wheels = sorted(download.glob("uv-*.whl"))
-        if not wheels:
-            raise ParError("uv_install_failed", "pip download produced no uv wheel", None, 502)
-        staged = work / "uv"
-        with zipfile.ZipFile(wheels[-1]) as zf:
-            members = [n for n in zf.namelist() if _UV_SCRIPT_RE.match(n)]
-            if not members:
-                raise ParError("uv_install_failed",
-                               f"{wheels[-1].name} has no uv binary in its scripts", None, 502)
-            with zf.open(members[0]) as src, open(staged, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-        staged.chmod(0o755)
-        result = procs.run([str(staged), "--version"],
-                           timeout=_remaining(deadline, "checking uv", timeout), env=_env({}))
-        if not result.ok or not result.output.startswith("uv "):
-            raise ParError("uv_install_failed",
-                           f"the downloaded uv does not run: {result.tail(5)}", None, 502)
-        target = tools / "uv"
-        os.replace(staged, target)  # same folder tree, so an atomic rename
-        fsync_dir(tools)
-        return target
-    finally:
-        remove_tree(work)

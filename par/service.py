@@ -16,11 +16,11 @@ from par.actions import Actions, resolve
 from par.deploy_request import DeployRequest
 from par.deployer import Deployer
 from par.errors import ParError
-from par.installers import install_uv
 from par.pipeline import Core, venvs_in_use
 from par.requirements import Policy, parse_requirements
 from par.store import Deployment
 from par.units import UnitStatus, unit_name
+from par.uv_bootstrap import install_uv
 
 
 class ParService:
@@ -138,7 +138,6 @@ class ParService:
     # daemon
     def daemon_health(self) -> dict:
         disk = shutil.disk_usage(self.cfg.paths.state_dir)
-        installer = self.venv_manager.installer
         return {
             "ok": True,
             "version": __version__,
@@ -147,7 +146,7 @@ class ParService:
             "disk": {"path": str(self.cfg.paths.state_dir), "freeBytes": disk.free,
                      "totalBytes": disk.total},
             "capacity": {"workers": self.cfg.workers, "maxVenvs": self.cfg.venvs.max_venvs},
-            "installer": {"name": installer.name, "version": installer.version()},
+            "installer": self.venv_manager.installer_status(),
         }
 
     def metrics(self) -> str:
@@ -199,8 +198,8 @@ class ParService:
         res = self.venv_manager.prewarm(requirements)
         return {"installer": res.installer, "seconds": res.seconds}
 
-    def install_uv(self) -> dict:
-        path = install_uv(self.cfg)
+    def install_uv(self, version: str | None = None) -> dict:
+        path = install_uv(self.cfg, version)
         # a new installer choice applies to the next builds
         self.venv_manager.reset_installer()
         return {"path": str(path), "version": self.venv_manager.installer.version()}

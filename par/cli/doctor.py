@@ -136,8 +136,9 @@ def check_installer(cfg: Config, health: dict | None) -> Check:
         if info.get("error"):
             return Check("installer", "fail", f"{detail}: {info['error']}",
                          "parctl installer install-uv")
-        if kind == "pip":
-            return Check("installer", "warn", f"{detail}; uv not found, venv builds are slower",
+        if kind == "pip" and info.get("configured") != "pip":
+            why = info.get("reason") or "uv not found"
+            return Check("installer", "warn", f"{detail}; {why}; venv builds are slower",
                          "parctl installer install-uv")
         return Check("installer", "ok", f"{detail} (reported by pard)")
     # pard is not answering: look for the installer the way pard would.

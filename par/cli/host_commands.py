@@ -54,14 +54,18 @@ def installer() -> None:
 
 
 @installer.command("install-uv")
+@click.option("--version", "version", default=None, metavar="X.Y.Z",
+              help="The uv release to install (default: installer.uv_version).")
 @json_option
 @click.pass_obj
-def installer_install_uv(app: App, as_json: bool) -> None:
+def installer_install_uv(app: App, version: str | None, as_json: bool) -> None:
     """Fetch uv from the configured package index into PAR's tools folder.
 
-    Debian 12 has no uv package; without uv, PAR builds venvs with pip (slower).
+    pard does this by itself in the background when installer.kind is auto and
+    no uv is found (Debian 12 has no uv package); this command fetches it now,
+    or another version.  Without uv, PAR builds venvs with pip (slower).
     """
-    show(as_json, app.client().install_uv(), views.uv_installed)
+    show(as_json, app.client().install_uv(version), views.uv_installed)
 
 
 @click.group()

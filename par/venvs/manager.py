@@ -19,8 +19,9 @@ from par import layout
 from par.config import Config
 from par.errors import ParError
 from par.fsutil import atomic_write_text
-from par.installers import Installer, select_installer
+from par.installers import Installer, UvInstaller, find_uv, select_installer
 from par.log import Timer, event
+from par.uv_bootstrap import UvBootstrap
 from par.venvs.atomic import discard, os_error, remove_quietly, temp_dir
 from par.venvs.budget import EVICT_GRACE_S, Budget
 from par.venvs.counters import VenvCounters
@@ -51,6 +52,8 @@ class VenvManager:
         self._given_installer = installer
         self._installer = installer
         self._installer_lock = threading.Lock()
+        # kind auto on a host without uv: pard fetches it (start_uv_bootstrap)
+        self.uv_bootstrap = UvBootstrap(cfg, logger, on_ready=self.reset_installer)
         self._python = BasePython(cfg)
         self._validator = Validator(cfg, self._python)
         self._shared = Layers(cfg, logger, self._python, self._validator)
@@ -77,6 +80,50 @@ class VenvManager:
         """Choose the installer again at the next build (after `install-uv`)."""
         with self._installer_lock:
             self._installer = self._given_installer
+
+    def start_uv_bootstrap(self) -> bool:
+        """With `installer.kind: auto` and no uv anywhere, fetch uv in the background (and
+        again at a later build when it failed); builds use pip meanwhile.  pard calls it
+        at start.  Returns whether a fetch started."""
+        if self.cfg.installer.kind != "auto" or self._given_installer is not None \
+                or find_uv(self.cfg) is not None:
+            return False
+        self.uv_bootstrap.enable()
+        return self.uv_bootstrap.kick()
+
+    def _build_installer(self) -> Installer:
+        """The installer for a build; a failed uv fetch is tried again (rate-limited)."""
+        installer = self.installer
+        if installer.name == "pip" and self.cfg.installer.kind == "auto":
+            self.uv_bootstrap.kick()
+        return installer
+
+    def fallback_reason(self) -> str | None:
+        """Why builds use pip although `installer.kind` is auto (one line), else None."""
+        if self.cfg.installer.kind != "auto" or self.installer.name != "pip":
+            return None
+        st = self.uv_bootstrap.status()
+        if st.state == "failed":
+            return f"uv {st.version} could not be fetched: {st.reason}"
+        if st.state == "fetching":
+            return f"uv {st.version} is being fetched; builds use pip until it is in place"
+        return ("no uv binary (installer.uv_path, state_dir/tools/uv, PATH): "
+                "run `parctl installer install-uv`")
+
+    def installer_status(self) -> dict:
+        """What `/health` says of the installer: the one builds use now, and why."""
+        installer = self.installer
+        out: dict = {"name": installer.name, "version": installer.version(),
+                     "configured": self.cfg.installer.kind}
+        if isinstance(installer, UvInstaller):
+            out["path"] = str(installer.uv)
+        st = self.uv_bootstrap.status()
+        if st.state != "idle":
+            out["bootstrap"] = st.to_dict()
+        reason = self.fallback_reason()
+        if reason:
+            out["reason"] = reason
+        return out
 
     def base_python(self) -> PythonInfo:
         """The configured interpreter and its exact version (probed again after it
@@ -130,7 +177,7 @@ class VenvManager:
             self.counters.add("misses")
             protect = set(in_use) | {name}
             self._budget.evict(protect, incoming=1)
-            installer = self.installer
+            installer = self._build_installer()
             try:
                 with self._shared.acquire(installer, package_id, requirements_text,
                                           requirements_sha) as layer:
@@ -229,7 +276,7 @@ class VenvManager:
         so the shared cache holds everything it needs (the next build of it needs no
         network).  The install runs in the build sandbox like any other."""
         text = requirements.read_text("utf-8") if isinstance(requirements, Path) else requirements
-        installer = self.installer
+        installer = self._build_installer()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(self.root, "prewarm")
         try:

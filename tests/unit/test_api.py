@@ -97,8 +97,8 @@ class FakeService:
         self._call("prewarm", requirements)
         return {"seconds": 0.1}
 
-    def install_uv(self) -> dict:
-        self._call("install_uv")
+    def install_uv(self, version: str | None = None) -> dict:
+        self._call("install_uv", version)
         return {"path": "/x/uv", "version": "0.5"}
 
     def set_env(self, deployment_id: str, values: dict[str, str], unset: list[str],
@@ -231,7 +231,9 @@ ROUTES = [
     ("POST", "/venvs/prune", None, ("prune_venvs",), 200, "evicted"),
     ("POST", "/venvs/prewarm", {"requirements": "requests==2.28.1\n"},
      ("prewarm", "requests==2.28.1\n"), 200, "seconds"),
-    ("POST", "/installer/install-uv", None, ("install_uv",), 200, "version"),
+    ("POST", "/installer/install-uv", None, ("install_uv", None), 200, "version"),
+    ("POST", "/installer/install-uv", {"version": "0.13.9"}, ("install_uv", "0.13.9"), 200,
+     "version"),
     ("POST", "/deployments/d-1/env", {"set": {"A": "1"}, "unset": ["B"]},
      ("set_env", "d-1", {"A": "1"}, ["B"], True), 202, "deploymentId"),
     ("POST", "/deployments/d-1/env", {"set": {"A": "1"}, "restart": False},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -18,9 +20,9 @@ from par.installers import (
     find_uv,
     index_args,
     install_error,
-    install_uv,
     select_installer,
 )
+from par.uv_bootstrap import install_uv
 from tests.wheels import build_wheel, uv_binary
 
 
@@ -137,9 +139,16 @@ def test_pip_installs_offline_and_compiles(tmp_path, wheelhouse):
     inst.create_venv(path=venv, python=cfg.installer.python)
     req = tmp_path / "req.txt"
     req.write_text("alpha==1.0\n")
+    assert not (venv / "bin" / "pip").exists()  # the host's pip installs into it
+    assert sum(p.lstat().st_size for p in venv.rglob("*")) < 1024 * 1024
     inst.install(venv_path=venv, requirements_file=req, timeout=120)
     assert _imports(venv) == "1.0"
-    assert list(_site_packages(venv).glob("alpha/__pycache__/*.pyc"))
+    site = _site_packages(venv)
+    assert not (site / "pip").exists() and not (venv / "bin" / "pip").exists()
+    # pard compiles into the shared store afterwards, as for uv
+    assert inst.shared_bytecode and not list(site.glob("alpha/__pycache__/*.pyc"))
+    assert installers.compile_bytecode(cfg, venv, 60).ok
+    assert list(site.glob("alpha/__pycache__/*.pyc"))
     assert (cfg.paths.cache_dir / "pip").is_dir()
     assert inst.version()[0].isdigit()
     # a requirement that does not exist: the installer's own words reach the error
@@ -152,18 +161,29 @@ def test_pip_installs_offline_and_compiles(tmp_path, wheelhouse):
 
 def test_install_uv_from_a_wheelhouse(tmp_path, wheelhouse):
     cfg = _cfg(tmp_path, find_links=[str(wheelhouse)], offline=True)
-    path = install_uv(cfg, timeout=120)
+    path = install_uv(cfg, "9.9.9", timeout=120)
     assert path == layout.tools(cfg) / "uv"
     assert os.access(path, os.X_OK)
     assert subprocess.run([str(path), "--version"], capture_output=True, text=True,
                           timeout=10).stdout.startswith("uv 9.9.9")
-    assert [p.name for p in layout.tools(cfg).iterdir()] == ["uv"]  # no work folder left
+    # no work folder left; the record names the wheel and its digest
+    assert sorted(p.name for p in layout.tools(cfg).iterdir()) == ["uv", "uv.json"]
+    record = json.loads((layout.tools(cfg) / "uv.json").read_text())
+    wheel = next(wheelhouse.glob("uv-9.9.9-*.whl"))
+    assert record["version"] == "9.9.9" and record["wheel"] == wheel.name
+    assert record["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert find_uv(cfg) == path
 
 
-def test_install_uv_failure_leaves_nothing(tmp_path, monkeypatch):
-    # without Debian's pip wheel, pip comes from a throwaway venv (also removed)
-    monkeypatch.setattr(installers, "DEBIAN_PIP_WHEELS", tmp_path / "no-wheels")
+def test_install_uv_refuses_another_version(tmp_path, wheelhouse):
+    cfg = _cfg(tmp_path, find_links=[str(wheelhouse)], offline=True, uv_version="9.9.8")
+    with pytest.raises(ParError) as err:  # the wheelhouse has 9.9.9 only
+        install_uv(cfg, timeout=120)
+    assert err.value.code == "uv_install_failed" and "uv 9.9.8" in err.value.message
+    assert not (layout.tools(cfg) / "uv").exists()
+
+
+def test_install_uv_failure_leaves_nothing(tmp_path):
     empty = tmp_path / "empty-wh"
     empty.mkdir()
     cfg = _cfg(tmp_path, find_links=[str(empty)], offline=True)
@@ -223,11 +243,21 @@ def test_compile_never_reads_through_a_symlink(tmp_path, wheelhouse):
     assert not list(site.glob("__pycache__/leak.*")) and list(escape.iterdir()) == []
 
 
-def test_build_env_passes_only_the_operators_proxy_ca_and_locale():
-    env = installers.build_env({"UV_CACHE_DIR": "/c"}, base={
-        "https_proxy": "http://proxy:3128", "SSL_CERT_FILE": "/etc/ssl/ca.pem", "LANG": "C",
-        "PIP_INDEX_URL": "http://evil/simple", "UV_INDEX_URL": "http://evil/simple",
+def test_build_env_passes_only_the_operators_network_settings_and_locale():
+    operator = {"https_proxy": "http://proxy:3128", "NO_PROXY": "10.0.0.0/8",
+                "SSL_CERT_FILE": "/etc/ssl/ca.pem", "REQUESTS_CA_BUNDLE": "/etc/ssl/ca.pem",
+                "PIP_INDEX_URL": "https://mirror/simple", "UV_INDEX_URL": "https://mirror/simple",
+                "UV_NATIVE_TLS": "1", "LANG": "C"}
+    env = installers.build_env({"UV_CACHE_DIR": "/c", "UV_NO_CONFIG": "1"}, base={
+        **operator,
         "PYTHONPATH": "/evil", "PYTHONSTARTUP": "/evil.py", "LD_PRELOAD": "/evil.so",
-        "PATH": "/evil/bin"})
-    assert env == {"https_proxy": "http://proxy:3128", "SSL_CERT_FILE": "/etc/ssl/ca.pem",
-                   "LANG": "C", "PATH": installers.DEFAULT_PATH, "UV_CACHE_DIR": "/c"}
+        "PATH": "/evil/bin", "PIP_TARGET": "/evil", "PIP_CONFIG_FILE": "/evil.conf",
+        "UV_CACHE_DIR": "/evil", "UV_NO_CONFIG": "0", "UV_PYTHON": "/evil/python",
+        "UV_LINK_MODE": "symlink", "PIP_REQUIRE_VIRTUALENV": "0"})
+    assert env == {**operator, "PATH": installers.DEFAULT_PATH, "UV_CACHE_DIR": "/c",
+                   "UV_NO_CONFIG": "1"}
+
+
+def test_uv_trusts_the_host_store():
+    env = UvInstaller(config.from_dict(None), Path("/x/uv"))._uv_env()
+    assert env["UV_SYSTEM_CERTS"] == "1" and env["UV_NATIVE_TLS"] == "1"
