@@ -166,7 +166,7 @@ def ensure_units(cfg: Config, systemd: Systemd, logger: logging.Logger) -> str:
     svc_spec = UnitSpec(**{**spec.__dict__, "description": description})
     systemd.start_socket(FRONT_SOCKET, {
         "Description": description,
-        "Listen": [("ListenStream", cfg.front.listen)],
+        "Listen": [("Stream", cfg.front.listen)],
         "Backlog": 4096,
         "CollectMode": "inactive-or-failed",
     }, svc_spec)

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 from aiohttp import (
     ClientConnectorError,
     ClientOSError,
+    ClientPayloadError,
     ClientResponse,
     ClientSession,
     ServerDisconnectedError,
@@ -36,6 +37,9 @@ PREFIX = "/agents/"
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # Bodies up to this size are read before forwarding, so they can be sent again.
 REPLAY_MAX_BYTES = 1024 * 1024
+# Answers of a known length up to this size are read whole before the client gets any
+# of them, so an agent that dies in the middle of one is asked again.
+SMALL_ANSWER_BYTES = 256 * 1024
 # Hop-by-hop headers (RFC 9110 7.6.1) are the front door's own, never forwarded.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -224,12 +228,22 @@ class Proxy:
             if port is not None:
                 session = self.fresh if body.streamed else self.session
                 data = self._stream(request, body) if body.streamed else body.data
+                upstream: ClientResponse | None = None
                 try:
                     upstream = await session.request(
                         request.method, self.url(port, target), headers=headers, data=data,
                         allow_redirects=False, skip_auto_headers=("Accept-Encoding",
                                                                   "User-Agent", "Accept"))
-                except (TimeoutError, ClientConnectorError, ClientOSError, ServerDisconnectedError):
+                    length = upstream.content_length
+                    if length is not None and length <= SMALL_ANSWER_BYTES:
+                        # read whole before answering: an agent killed in the middle of
+                        # it is retried like one that refused the connection
+                        whole = await upstream.read()
+                        return await self._relay(request, upstream, whole)
+                except (TimeoutError, ClientConnectorError, ClientOSError,
+                        ServerDisconnectedError, ClientPayloadError):
+                    if upstream is not None:
+                        upstream.close()
                     if body.error is not None:
                         raise body.error from None
                     if body.started:  # part of a body that cannot be sent again went out
@@ -287,17 +301,21 @@ class Proxy:
             # abort the upstream request: the agent must not see a cut body as complete
             raise ConnectionAbortedError(body.error.message)
 
-    async def _relay(self, request: web.BaseRequest,
-                     upstream: ClientResponse) -> web.StreamResponse:
-        """Pass the agent's answer on as it comes (SSE and streams are not buffered)."""
+    async def _relay(self, request: web.BaseRequest, upstream: ClientResponse,
+                     whole: bytes | None = None) -> web.StreamResponse:
+        """Pass the agent's answer on: `whole` if it was read already, else as it comes
+        (SSE and streams are not buffered)."""
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=answer_headers(upstream.headers))
             if self.draining():
                 resp.force_close()
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
+            if whole is not None:
+                await resp.write(whole)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
             await resp.write_eof()
         except BaseException:
             upstream.close()  # a half-read answer: that connection is not reused

@@ -100,10 +100,14 @@ class GuardedServer(web.Server):
                     protocol.close()  # after this answer (aiohttp says Connection: close)
         return handle
 
-    async def drain(self, grace_s: float) -> None:
-        """Close idle connections now and the others after their current answer, waiting
-        up to `grace_s`; then close whatever is left.  Call once the listener is closed."""
+    async def drain(self, grace_s: float, idle_grace_s: float = 0.5) -> None:
+        """Stop gently; call once the listener is closed.  For `idle_grace_s` every
+        connection still gets its next request answered, with Connection: close, so a
+        client between two requests reconnects cleanly (to the next process, through the
+        socket systemd holds); then idle connections are closed and busy ones after their
+        answer, waiting up to `grace_s`; then whatever is left is closed."""
         self.draining = True
+        await asyncio.sleep(idle_grace_s)
         deadline = self._loop.time() + grace_s
         while True:
             busy = False

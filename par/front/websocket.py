@@ -60,7 +60,9 @@ async def _connect(proxy: Proxy, target: Target, headers: dict[str, str],
                 return await proxy.fresh.ws_connect(proxy.url(port, target), headers=headers,
                                                     protocols=protocols, autoping=True)
             except WSServerHandshakeError as exc:
-                status = exc.status if 400 <= exc.status < 500 else 502
+                # a plain answer (uvicorn without a WebSocket library answers 200): 400
+                status = exc.status if exc.status >= 400 else 400
+                status = 502 if status >= 500 else status
                 raise ProxyError(status, "not_websocket",
                                  f"agent {res.agent} did not accept a WebSocket at "
                                  f"{target.path} (it answered {exc.status})") from None
