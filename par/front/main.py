@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import sdnotify
-from aiohttp import ClientSession, ClientTimeout, TCPConnector
+from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 
 from par import log
 from par.front.proxy import Proxy, Settings
@@ -72,6 +72,18 @@ def own_socket(listen: str) -> socket.socket:
     return sock
 
 
+def agent_sessions(timeout: ClientTimeout) -> tuple[ClientSession, ClientSession]:
+    """The client sessions to agents: a keep-alive pool, and one opening a new connection
+    per request.  No cookie jar: cookies an agent sets belong to the caller, never to the
+    front door (a shared jar would hand one caller's cookies to the next)."""
+    session = ClientSession(connector=TCPConnector(limit=0, limit_per_host=POOL_PER_HOST),
+                            timeout=timeout, auto_decompress=False,
+                            cookie_jar=DummyCookieJar())
+    fresh = ClientSession(connector=TCPConnector(limit=0, force_close=True), timeout=timeout,
+                          auto_decompress=False, cookie_jar=DummyCookieJar())
+    return session, fresh
+
+
 async def serve(args: argparse.Namespace, sock: socket.socket, logger: logging.Logger) -> None:
     """Serve until SIGTERM/SIGINT, then drain."""
     loop = asyncio.get_running_loop()
@@ -82,10 +94,7 @@ async def serve(args: argparse.Namespace, sock: socket.socket, logger: logging.L
                         body_timeout_s=args.body_timeout_s, upstream_host=args.upstream_host)
     # no total timeout: answers may stream for as long as the agent writes
     timeout = ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
-    session = ClientSession(connector=TCPConnector(limit=0, limit_per_host=POOL_PER_HOST),
-                            timeout=timeout, auto_decompress=False)
-    fresh = ClientSession(connector=TCPConnector(limit=0, force_close=True), timeout=timeout,
-                          auto_decompress=False)
+    session, fresh = agent_sessions(timeout)
     server: GuardedServer | None = None
     listener: asyncio.base_events.Server | None = None
     try:

@@ -235,7 +235,8 @@ class Proxy:
                         allow_redirects=False, skip_auto_headers=("Accept-Encoding",
                                                                   "User-Agent", "Accept"))
                     length = upstream.content_length
-                    if length is not None and length <= SMALL_ANSWER_BYTES:
+                    if length is not None and length <= SMALL_ANSWER_BYTES \
+                            and request.method != "HEAD" and upstream.status not in (204, 304):
                         # read whole before answering: an agent killed in the middle of
                         # it is retried like one that refused the connection
                         whole = await upstream.read()
@@ -305,17 +306,24 @@ class Proxy:
                      whole: bytes | None = None) -> web.StreamResponse:
         """Pass the agent's answer on: `whole` if it was read already, else as it comes
         (SSE and streams are not buffered)."""
+        headers = answer_headers(upstream.headers)
+        if whole is not None:
+            upstream.release()
+            # one write: headers and body (its Content-Length is the agent's own)
+            answer = web.Response(status=upstream.status, reason=upstream.reason,
+                                  headers=headers)
+            answer.body = whole
+            if self.draining():
+                answer.force_close()
+            return answer
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=answer_headers(upstream.headers))
+                                      headers=headers)
             if self.draining():
                 resp.force_close()
             await resp.prepare(request)
-            if whole is not None:
-                await resp.write(whole)
-            else:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
             await resp.write_eof()
         except BaseException:
             upstream.close()  # a half-read answer: that connection is not reused

@@ -9,9 +9,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession, ClientTimeout, web
 
 from par.deployment import Deployment
+from par.front.main import agent_sessions
 from par.front.proxy import Proxy, ProxyError, Settings, Target, parse_target
 from par.front.routes import RoutesFile, build_table, render, resolve
 from par.front.server import GuardedServer, Limits
@@ -111,7 +112,7 @@ async def _agent(port: int) -> web.AppRunner:
 
 
 async def _front(routes: Path, limits: Limits, hold_s: float = 5.0):
-    session, fresh = ClientSession(auto_decompress=False), ClientSession(auto_decompress=False)
+    session, fresh = agent_sessions(ClientTimeout(total=None))
     proxy = Proxy(RoutesFile(routes, check_s=0), Settings(hold_s=hold_s), session, fresh)
     server = GuardedServer(proxy.handle, limits, auto_decompress=False, access_log=None)
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
