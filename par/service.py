@@ -17,6 +17,7 @@ from par.actions import Actions, resolve
 from par.deploy_request import DeployRequest
 from par.deployer import Deployer
 from par.errors import ParError
+from par.front_door import front_url
 from par.installers import install_uv
 from par.pipeline import Core, venvs_in_use
 from par.store import Deployment
@@ -55,7 +56,7 @@ class ParService:
         if wait:
             d = self.store.wait_for_change(d.deployment_id,
                                            d.updated_at if since is None else since, wait)
-        return d.to_api()
+        return {**d.to_api(), "frontUrl": front_url(self.cfg, d.agent_app_id)}
 
     def deployment_health(self, ident: str) -> dict:
         d = resolve(self.store, ident)
@@ -106,6 +107,7 @@ class ParService:
             st, res = live[unit_name(d.agent_app_id)]
             out.append({
                 "agentAppId": d.agent_app_id,
+                "frontUrl": front_url(self.cfg, d.agent_app_id),
                 "status": live_status(d, st),
                 "deployment": d.to_api(),
                 "unit": st.to_dict(),
@@ -116,7 +118,9 @@ class ParService:
             have = {d.agent_app_id for d in currents}
             for d in self.store.latest_per_agent():
                 if d.agent_app_id not in have:
-                    out.append({"agentAppId": d.agent_app_id, "status": d.status,
+                    out.append({"agentAppId": d.agent_app_id,
+                                "frontUrl": front_url(self.cfg, d.agent_app_id),
+                                "status": d.status,
                                 "deployment": d.to_api(), "unit": None, "resources": None})
             out.sort(key=lambda a: str(a["agentAppId"]))
         return out

@@ -452,3 +452,13 @@ def test_restarting_pard_leaves_the_front_door_alone(pard: Pard, deployed: dict)
     pard.restart()
     assert sh("systemctl", "show", "-P", "MainPID", "par-front.service").stdout.strip() == pid
     assert get_json(pard, f"/agents/{AGENT}/api/ping")[0] == 200
+
+
+def test_api_and_parctl_show_the_front_door_url(pard: Pard, deployed: dict) -> None:
+    url = f"{pard.front_url}/agents/{AGENT}/"
+    agents = {a["agentAppId"]: a for a in pard.client().agents()["agents"]}
+    assert agents[AGENT]["frontUrl"] == url
+    env = dict(os.environ, PARCTL_SOCKET=str(pard.socket))
+    res = subprocess.run([sys.executable, "-m", "par.cli", "status", AGENT], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert url in res.stdout, res.stdout + res.stderr
