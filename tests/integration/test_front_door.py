@@ -89,6 +89,9 @@ def pard() -> Iterator[Pard]:
         "listen": {"tcp": f"127.0.0.1:{free_port()}"},
         "front": {"hold_s": 30.0, "header_timeout_s": 2.0, "body_timeout_s": 2.0,
                   "max_body_bytes": 1024 * 1024},
+        # Sandboxes share the host's network and other test pards allocate from 18100 up:
+        # while this agent restarts, one of theirs could take its free port.
+        "ports": {"rest": [28100, 28199], "a2a": [58100, 58199], "ui": [23100, 23199]},
     })
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "token").write_text(TEST_TOKEN + "\n")
