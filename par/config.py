@@ -178,6 +178,26 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Front:
+    listen: str | None = setting(
+        "127.0.0.1:8080",
+        "Front door \"HOST:PORT\", every agent at /agents/{id}/ (null = none; public only "
+        "on purpose).")
+    hold_s: float = setting(
+        30.0, "Seconds a request waits for an agent that is (re)starting before a 503.")
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024, "Largest request body the front door passes on, in bytes (413).")
+    max_connections: int = setting(
+        1024, "Most client connections the front door keeps open; beyond it, 503.")
+    header_timeout_s: float = setting(
+        10.0, "Seconds a new connection has to send its request headers (slow clients).")
+    body_timeout_s: float = setting(
+        30.0, "Seconds the front door waits for the next piece of a request body (408).")
+    idle_timeout_s: float = setting(
+        75.0, "Seconds an idle keep-alive connection stays open.")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths = field(default_factory=Paths)
     listen: Listen = field(default_factory=Listen)
@@ -187,6 +207,7 @@ class Config:
     agents: Agents = field(default_factory=Agents)
     venvs: Venvs = field(default_factory=Venvs)
     retention: Retention = field(default_factory=Retention)
+    front: Front = field(default_factory=Front)
     workers: int = setting(4, "Deploys run in parallel (different agents) by this many workers.")
 
 
@@ -303,6 +324,12 @@ def _check(cfg: Config) -> None:
         "limits.max_requirements_bytes": cfg.limits.max_requirements_bytes,
         "retention.events_per_deployment": cfg.retention.events_per_deployment,
         "retention.history_days": cfg.retention.history_days,
+        "front.hold_s": cfg.front.hold_s,
+        "front.max_body_bytes": cfg.front.max_body_bytes,
+        "front.max_connections": cfg.front.max_connections,
+        "front.header_timeout_s": cfg.front.header_timeout_s,
+        "front.body_timeout_s": cfg.front.body_timeout_s,
+        "front.idle_timeout_s": cfg.front.idle_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -318,6 +345,10 @@ def _check(cfg: Config) -> None:
                        "retention.packages_per_agent": cfg.retention.packages_per_agent}.items():
         if value < 0:
             raise ConfigError(f"{key}: expected zero or more, got {value!r}", key)
+    if cfg.front.listen is not None:
+        host, sep, port = cfg.front.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError("front.listen: expected \"HOST:PORT\" or null", "front.listen")
 
 
 def from_dict(raw: object) -> Config:
@@ -358,6 +389,7 @@ SECTION_DOCS = {
     "agents": "How agents' units run.",
     "venvs": "The venv budget (least recently used unused venvs are evicted beyond it).",
     "retention": "What pard keeps of the past: events, removed deployments, old packages.",
+    "front": "The front door: one port for every agent's REST and UI surfaces.",
 }
 
 

@@ -31,6 +31,7 @@ from par.agent_locks import AgentLocks
 from par.api import ApiServer
 from par.deployer import Deployer
 from par.errors import ParError
+from par.front_door import RoutesPublisher, ensure_units
 from par.host_files import install_host
 from par.monitor import UnitMonitor
 from par.pipeline import Core
@@ -110,6 +111,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.deployer: Deployer | None = None
         self.monitor: UnitMonitor | None = None
+        self.routes: RoutesPublisher | None = None
 
     def start(self) -> None:
         """Everything up to READY=1 (raises ParError when something is refused)."""
@@ -136,6 +138,9 @@ class Daemon:
         retention.at_start(cfg, store, locks.of, self.logger, time.time())
         self.monitor = UnitMonitor(store, core.systemd, locks.of, self.logger)
         self.monitor.start()
+        self.routes = RoutesPublisher(store, layout.front_routes(cfg), self.logger)
+        self.routes.start()
+        self.start_front(core.systemd)
         service = ParService(core, self.deployer, Actions(core, locks, self.deployer))
         self.api = ApiServer(service, cfg, self.logger)
         self.api.serve_unix(cfg.listen.socket)
@@ -145,6 +150,15 @@ class Daemon:
         log.event(self.logger, "pard ready", version=__version__, socket=str(cfg.listen.socket),
                   tcp=cfg.listen.tcp, adopted=len(report.adopted), restarted=len(report.restarted))
         self.notifier.notify(f"READY=1\nSTATUS={self.status_line()}")
+
+    def start_front(self, systemd: Systemd) -> None:
+        """The front door's units; pard serves (and agents answer on their ports) without
+        them, so a failure is logged, not fatal."""
+        try:
+            ensure_units(self.cfg, systemd, self.logger)
+        except ParError as exc:
+            log.event(self.logger, "Front door not running", logging.ERROR, code=exc.code,
+                      message=exc.message, listen=self.cfg.front.listen)
 
     def status_line(self) -> str:
         assert self.store is not None
@@ -178,6 +192,8 @@ class Daemon:
             self.api.shutdown()
         if self.monitor:
             self.monitor.stop()
+        if self.routes:
+            self.routes.stop()
         if self.deployer:
             self.deployer.shutdown()
         if self.store:

@@ -15,6 +15,7 @@ else is derived here:
       host/{digest}/                                      the compiled agent host
       tools/                                              uv fetched by pard
       builds/                                             root-only files of running builds
+      front/routes.json                                   the front door's routes (no secret)
     cache_dir/
       uv/  pip/                                           installer caches
       pyc/                                                bytecode, compiled once per host
@@ -99,6 +100,11 @@ def builds(cfg: Config) -> Path:
 def host_root(cfg: Config) -> Path:
     """The compiled copies of the agent host, one folder per digest."""
     return cfg.paths.state_dir / "host"
+
+
+def front_routes(cfg: Config) -> Path:
+    """The routes table pard publishes for the front door (its folder is all it may read)."""
+    return cfg.paths.state_dir / "front" / "routes.json"
 
 
 def installer_cache(cfg: Config, installer: str) -> Path:

@@ -16,6 +16,7 @@ from par.actions import Actions, resolve
 from par.deploy_request import DeployRequest
 from par.deployer import Deployer
 from par.errors import ParError
+from par.front_door import front_url
 from par.pipeline import Core, venvs_in_use
 from par.requirements import Policy, parse_requirements
 from par.store import Deployment
@@ -60,7 +61,7 @@ class ParService:
                                                d.updated_at if since is None else since, wait)
             finally:
                 self._long_polls.release()
-        return d.to_api()
+        return {**d.to_api(), "frontUrl": front_url(self.cfg, d.agent_app_id)}
 
     def deployment_health(self, ident: str) -> dict:
         d = resolve(self.store, ident)
@@ -120,6 +121,7 @@ class ParService:
             st, res = live[unit_name(d.agent_app_id)]
             out.append({
                 "agentAppId": d.agent_app_id,
+                "frontUrl": front_url(self.cfg, d.agent_app_id),
                 "status": live_status(d, st),
                 "deployment": d.to_api(),
                 "unit": st.to_dict(),
@@ -130,7 +132,9 @@ class ParService:
             have = {d.agent_app_id for d in currents}
             for d in self.store.latest_per_agent():
                 if d.agent_app_id not in have:
-                    out.append({"agentAppId": d.agent_app_id, "status": d.status,
+                    out.append({"agentAppId": d.agent_app_id,
+                                "frontUrl": front_url(self.cfg, d.agent_app_id),
+                                "status": d.status,
                                 "deployment": d.to_api(), "unit": None, "resources": None})
             out.sort(key=lambda a: str(a["agentAppId"]))
         return out

@@ -72,6 +72,7 @@ class Store:
         self._lock = threading.Lock()
         # notified after every commit (and on close): what `wait_for_change` waits on
         self._changed = threading.Condition(self._lock)
+        self._commits = 0  # counts commits, for `wait_for_commit`
 
     # ---- opening ---------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Store:
                 try:
                     yield conn
                     conn.execute("COMMIT")
+                    self._commits += 1
                     self._changed.notify_all()
                 except BaseException:
                     if conn.in_transaction:
@@ -251,6 +253,14 @@ class Store:
                 if current.updated_at != since or remaining <= 0:
                     return current
                 self._changed.wait(remaining)
+
+    def wait_for_commit(self, seen: int, timeout: float) -> int:
+        """The number of commits so far, once it differs from `seen` (the caller's last
+        answer) or after `timeout` seconds: how the front door's routes follow the store."""
+        with self._changed:
+            if self._commits == seen and self._conn is not None:
+                self._changed.wait(timeout)
+            return self._commits
 
     def find(self, deployment_id: str) -> Deployment | None:
         """The deployment `deployment_id`, or None."""

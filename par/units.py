@@ -294,6 +294,31 @@ class Systemd:
         with self._bus() as bus:
             bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"StartTransientUnit", args)
 
+    def start_socket(self, name: str, socket_props: dict[str, object],
+                     service: UnitSpec) -> None:
+        """Start a transient socket unit `name` with `service` as its auxiliary unit, as
+        `systemd-run --socket-property=` does: systemd holds the listening socket and
+        passes it to the service (socket activation)."""
+        args = apply_signature(b"ss", [name.encode(), b"fail"])
+        args += _signature_array({k.encode(): v for k, v in socket_props.items()})
+        args += [(ord(b"a"), b"(sa(sv))"), (ord(b"r"), b"sa(sv)"),
+                 (ord(b"s"), service.name.encode())]
+        args += _signature_array(properties(service))
+        args += [(-1, None), (-1, None)]
+        with self._bus() as bus:
+            bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"StartTransientUnit", args)
+
+    def start_unit(self, name: str, restart: bool = False) -> None:
+        """Start (or restart) a loaded unit; returns once systemd queued the job."""
+        with self._bus() as bus:
+            _manager_call(bus, b"RestartUnit" if restart else b"StartUnit", b"ss",
+                          [name.encode(), b"replace"])
+
+    def stop_unit(self, name: str) -> None:
+        """Queue a stop of a unit of any type (a socket, say); `stop` waits for services."""
+        with self._bus() as bus:
+            _manager_call(bus, b"StopUnit", b"ss", [name.encode(), b"replace"])
+
     def wait_active(self, name: str, timeout: float) -> UnitStatus:
         """Wait until the unit is `active` (READY for Type=notify), `failed` or gone, or
         `timeout`; then return its status, or that of its last failed start attempt.

@@ -36,6 +36,8 @@ def deployed(record: dict) -> list[str]:
     if url:
         lines.append(f"  health:  {url}")
     lines.append(f"  see:     systemctl status par-agent@{agent}")
+    if record.get("frontUrl"):
+        lines.append(f"  url:     {record['frontUrl']}")
     return lines
 
 
@@ -115,6 +117,8 @@ def status(data: dict, live: str | None, n_events: int) -> list[str]:
     venv = record.get("venv") or "-"
     lines.append(f"  venv:       {venv}{' (reused)' if record.get('venvReused') else ''}")
     lines.append(f"  ports:      {ports_text(record.get('ports'))}")
+    if record.get("frontUrl"):
+        lines.append(f"  url:        {record['frontUrl']}")
     if health_url(record):
         lines.append(f"  health:     {health_url(record)}")
     phases = record.get("phases") or {}

@@ -116,6 +116,13 @@ class Pard:
     root: Path
     installer: str = "uv"
     config_extra: dict = field(default_factory=dict)
+    front_port: int = field(default_factory=lambda: free_port())
+
+    @property
+    def front_url(self) -> str:
+        """The front door's base URL (front.listen)."""
+        listen = self.config_extra.get("front", {}).get("listen") or f"127.0.0.1:{self.front_port}"
+        return f"http://{listen}"
 
     @property
     def state(self) -> Path:
@@ -147,6 +154,8 @@ class Pard:
                           "timeout_s": 120},
             "ports": {"rest": [18100, 18999], "a2a": [51100, 51999], "ui": [13100, 13999]},
             "agents": {"boot_timeout_s": 60, "stop_timeout_s": 10, "restart_sec": 0.5},
+            # sandboxes share the host's network: a free port, not 8080
+            "front": {"listen": f"127.0.0.1:{self.front_port}"},
         }
         for section, values in self.config_extra.items():
             if isinstance(values, dict):
@@ -199,6 +208,9 @@ class Pard:
     def teardown(self) -> None:
         self.stop()
         systemd = Systemd()
+        for unit in ("par-front.service", "par-front.socket"):
+            sh("systemctl", "stop", unit, check=False)
+            sh("systemctl", "reset-failed", unit, check=False)
         for unit in systemd.list_agent_units():
             sh("systemctl", "kill", "-s", "KILL", unit, check=False)
             sh("systemctl", "stop", unit, check=False)

@@ -194,6 +194,16 @@ class FakeSystemd(Systemd):
                 del self._units[name]  # CollectMode=inactive: collected once inactive
             return st
 
+    def start_socket(self, name: str, socket_props: dict[str, object],
+                     service: UnitSpec) -> None:
+        raise AssertionError("the core does not run the front door's units (par.front_door)")
+
+    def start_unit(self, name: str, restart: bool = False) -> None:
+        raise AssertionError("the core does not run the front door's units (par.front_door)")
+
+    def stop_unit(self, name: str) -> None:
+        raise AssertionError("the core does not run the front door's units (par.front_door)")
+
     def restart(self, name: str) -> None:
         raise AssertionError("par code does not restart units (it stops and starts them)")
 
