@@ -18,16 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import psutil
 from pystemd.dbuslib import DBus, apply_signature, path_encode
 from pystemd.systemd1 import Manager, Unit
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES
 
 from par import ids
 from par.errors import ParError
+from par.unit_resources import Resources, pids_in, resources_of
 from par.unit_signatures import EXTRA_SIGNATURES
 
 UNIT_PREFIX = "par-agent@"
@@ -243,15 +242,6 @@ class UnitStatus:
         }
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Summed resource use of a unit's processes."""
-
-    pids: tuple[int, ...]
-    rss_bytes: int
-    cpu_seconds: float
-
-
 class Systemd:
     """A handle on the system manager; each call opens its own bus connection.
 
@@ -447,7 +437,7 @@ class Systemd:
                     st = _read_status(bus, name)
                     res = None
                     if st.active_state in ("active", "activating", "reloading"):
-                        res = _resources(_cgroup_pids(bus, name, st.main_pid))
+                        res = resources_of(_cgroup_pids(bus, name, st.main_pid))
                     out[name] = (st, res)
         except ParError:
             raise
@@ -547,49 +537,7 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
 
 def _cgroup_pids(bus: DBus, name: str, main_pid: int) -> list[int]:
     """PIDs in the unit's cgroup (falls back to the main process and its children)."""
-    cgroup = _s(_get(bus, name, b"Service", b"ControlGroup", b"s"))
-    root = _cgroup2_root()
-    if cgroup and root is not None:
-        try:
-            procs = root / cgroup.lstrip("/") / "cgroup.procs"
-            return [int(x) for x in procs.read_text().split()]
-        except OSError:
-            pass
-    if not main_pid:
-        return []
-    try:
-        return [main_pid] + [c.pid for c in psutil.Process(main_pid).children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def _resources(pids: list[int]) -> Resources:
-    rss = 0
-    cpu = 0.0
-    alive: list[int] = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                rss += proc.memory_info().rss
-                t = proc.cpu_times()
-                cpu += t.user + t.system
-            alive.append(pid)
-        except psutil.Error:
-            continue  # exited between the listing and the read
-    return Resources(tuple(alive), rss, round(cpu, 3))
-
-
-def _cgroup2_root() -> Path | None:
-    """Where the unified cgroup hierarchy is mounted (None when there is none)."""
-    try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    except OSError:
-        pass
-    return None
+    return pids_in(_s(_get(bus, name, b"Service", b"ControlGroup", b"s")), main_pid)
 
 
 def _s(value: object) -> str:
