@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from par.cli.progress import PHASE_LABELS
 from par.cli.render import (
     ago,
     clock,
@@ -122,7 +123,8 @@ def status(data: dict, live: str | None, n_events: int) -> list[str]:
     if health_url(record):
         lines.append(f"  health:     {health_url(record)}")
     phases = record.get("phases") or {}
-    timing = [f"{name} {p['seconds']:.1f}s" for name, p in phases.items()
+    # named as `parctl deploy` names them while they run (loading: "building venv")
+    timing = [f"{PHASE_LABELS.get(name, name)} {p['seconds']:.1f}s" for name, p in phases.items()
               if isinstance(p, dict) and isinstance(p.get("seconds"), int | float)]
     if timing:
         lines.append(f"  phases:     {', '.join(timing)}")

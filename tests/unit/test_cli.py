@@ -398,6 +398,8 @@ def test_status_text_and_json(pard: FakePard, app: App) -> None:
     assert "hello 1.0.0: healthy (current)" in text
     assert "par-agent@hello.service  active (running), pid 4242, restarts 0" in text
     assert "venv:       hello_1a2b3c4" in text
+    # the phases named as parctl deploy names them
+    assert "phases:     downloading 0.1s, building venv 3.2s, starting 0.8s" in text
     assert "Reusing existing venv" in text and "Agent subprocess started: pid 4242" in text
 
     result = run(pard.socket_path, app, "status", "hello", "--json")
