@@ -115,8 +115,15 @@ def service_spec(cfg: Config) -> UnitSpec:
             "--header-timeout-s", f"{f.header_timeout_s:g}",
             "--body-timeout-s", f"{f.body_timeout_s:g}",
             "--idle-timeout-s", f"{f.idle_timeout_s:g}"]
-    # the folder `par` is imported from (dist-packages on a host, the tree in tests)
+    # the folder `par` is imported from: dist-packages on a host, where the unit sees it;
+    # a source tree (tests) may sit where the sandbox hides it (/tmp, /root): bound in
+    # below the hidden state_dir, which the user can reach
     code = str(Path(par.__file__).resolve().parent.parent)
+    binds = [str(routes.parent)]
+    if not code.startswith("/usr/"):
+        inside = str(cfg.paths.state_dir / ".front-code")
+        binds.append(f"{code}:{inside}")
+        code = inside
     return UnitSpec(
         name=FRONT_SERVICE, description="", argv=argv,
         environment={"PYTHONPATH": code, "PYTHONDONTWRITEBYTECODE": "1"},
@@ -124,7 +131,7 @@ def service_spec(cfg: Config) -> UnitSpec:
         restart="always", restart_sec=0.2, start_limit_burst=20, start_limit_interval_s=10,
         syslog_identifier="par-front", dynamic_user=FRONT_USER,
         hide_paths=(str(cfg.paths.state_dir), str(cfg.paths.cache_dir)),
-        read_only_binds=(str(routes.parent),),
+        read_only_binds=tuple(binds),
         inaccessible_paths=("-/etc/par",),
         # one fd per client connection and one per connection to an agent
         extra={"LimitNOFILE": 2 * f.max_connections + 1024},

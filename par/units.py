@@ -76,7 +76,7 @@ class UnitSpec:
     state_directory: str | None = None
     hide_paths: tuple[str, ...] = ()  # TemporaryFileSystem (read-only, empty) over these
     tmpfs: tuple[tuple[str, str], ...] = ()  # more TemporaryFileSystem= (path, options)
-    read_only_binds: tuple[str, ...] = ()  # then bind these back, read-only
+    read_only_binds: tuple[str, ...] = ()  # then bind these back, read-only ("SRC[:DEST]")
     inaccessible_paths: tuple[str, ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -170,7 +170,8 @@ def _sandboxing(spec: UnitSpec) -> dict[str, object]:
     if spec.hide_paths or spec.tmpfs:
         p["TemporaryFileSystem"] = [(path, "ro") for path in spec.hide_paths] + list(spec.tmpfs)
     if spec.read_only_binds:
-        p["BindReadOnlyPaths"] = [(path, path, False, 0) for path in spec.read_only_binds]
+        # "SRC:DEST" binds SRC at DEST, as BindReadOnlyPaths= itself writes it
+        p["BindReadOnlyPaths"] = [(*_bind(path), False, 0) for path in spec.read_only_binds]
     if spec.inaccessible_paths:
         p["InaccessiblePaths"] = list(spec.inaccessible_paths)
     return p
@@ -538,6 +539,11 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
 def _cgroup_pids(bus: DBus, name: str, main_pid: int) -> list[int]:
     """PIDs in the unit's cgroup (falls back to the main process and its children)."""
     return pids_in(_s(_get(bus, name, b"Service", b"ControlGroup", b"s")), main_pid)
+
+
+def _bind(entry: str) -> tuple[str, str]:
+    source, _, dest = entry.partition(":")
+    return source, dest or source
 
 
 def _s(value: object) -> str:

@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import wait_for
-from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, free_port, new_root, sh
+from tests.integration.pard import (
+    TEST_TOKEN,
+    Pard,
+    apkg_with,
+    running_pard,
+    sh,
+)
 
 AGENT = "fd-echo"
 LOAD_S = 20.0
@@ -85,22 +91,14 @@ def agent_files(version: str, broken: bool = False) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def pard() -> Iterator[Pard]:
     """A pard whose front door waits up to 30 s and has short client timeouts."""
-    p = Pard(new_root("front"), config_extra={
-        "listen": {"tcp": f"127.0.0.1:{free_port()}"},
-        "front": {"hold_s": 30.0, "header_timeout_s": 2.0, "body_timeout_s": 2.0,
-                  "max_body_bytes": 1024 * 1024},
-        # Sandboxes share the host's network and other test pards allocate from 18100 up:
-        # while this agent restarts, one of theirs could take its free port.
-        "ports": {"rest": [28100, 28199], "a2a": [58100, 58199], "ui": [23100, 23199]},
-    })
-    p.root.mkdir(parents=True, exist_ok=True)
-    (p.root / "token").write_text(TEST_TOKEN + "\n")
-    p.config_extra["listen"]["token_file"] = str(p.root / "token")
-    try:
-        p.start()
+    with running_pard(
+            "front",
+            front={"hold_s": 30.0, "header_timeout_s": 2.0, "body_timeout_s": 2.0,
+                   "max_body_bytes": 1024 * 1024},
+            # Sandboxes share the host's network and other test pards allocate from 18100
+            # up: while this agent restarts, one of theirs could take its free port.
+            ports={"rest": [28100, 28199], "a2a": [58100, 58199], "ui": [23100, 23199]}) as p:
         yield p
-    finally:
-        p.teardown()
 
 
 @pytest.fixture(scope="module")
