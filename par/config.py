@@ -2,7 +2,7 @@
 
 Each section is a dataclass; each field has a type and a default, and the
 one-line comment above it is its documentation (the shipped
-`etc/par/par.yaml` repeats them).  Loading is strict: an unknown key or a
+`docs/par.yaml` repeats them).  Loading is strict: an unknown key or a
 value of the wrong type is a `ConfigError` naming the key and the expected
 type, and `pard` refuses to start with it.
 """
@@ -400,7 +400,7 @@ def _yaml_value(value: object) -> str:
 
 
 def render_yaml(cfg: Config | None = None) -> str:
-    """The configuration as commented YAML (the shipped etc/par/par.yaml is this for the
+    """The configuration as commented YAML (docs/par.yaml, the reference, is this for the
     defaults)."""
     cfg = cfg or Config()
     out = [

@@ -12,10 +12,24 @@ from par import config, layout
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_shipped_file_is_the_rendered_defaults() -> None:
-    shipped = (REPO / "etc/par/par.yaml").read_text()
-    assert shipped == config.render_yaml(), \
-        "regenerate etc/par/par.yaml from par.config.render_yaml()"
+# md5 of the /etc/par/par.yaml that PAR 0.1.0 shipped: the conffile stays these bytes,
+# so dpkg upgrades an operator's edited copy without a prompt (tests/deb/test-upgrade)
+CONFFILE_MD5 = "c23275904d6a21ae8baefcef16254846"
+
+
+def test_reference_is_the_rendered_defaults() -> None:
+    reference = (REPO / "docs/par.yaml").read_text()
+    assert reference == config.render_yaml(), \
+        "regenerate docs/par.yaml from par.config.render_yaml()"
+    assert config.from_dict(yaml.safe_load(reference)) == config.Config()
+
+
+def test_shipped_conffile_is_stable_and_sets_only_defaults() -> None:
+    import hashlib
+
+    shipped = (REPO / "etc/par/par.yaml").read_bytes()
+    assert hashlib.md5(shipped).hexdigest() == CONFFILE_MD5, \
+        "etc/par/par.yaml is the conffile: changing it makes dpkg prompt operators who edited it"
     assert config.from_dict(yaml.safe_load(shipped)) == config.Config()
 
 
