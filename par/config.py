@@ -81,6 +81,9 @@ class Installer:
     uv_version: str = setting(
         "0.13.9", "The uv pard fetches into state_dir/tools (kind auto, once, in the "
                   "background) and `parctl installer install-uv` installs by default.")
+    uv_wait_s: float = setting(
+        30.0, "Seconds a build waits for a uv fetch in progress (a fresh install's first "
+              "build) before it uses pip instead.")
     python: Path = setting(Path("/usr/bin/python3"), "Interpreter every venv is built from.")
     index_url: str | None = setting(None, "Package index; null = pip's/uv's default.")
     extra_index_urls: list[str] = setting(factory=list, doc="Extra package indexes.")
@@ -300,6 +303,7 @@ def _check(cfg: Config) -> None:
             )
     positive = {
         "installer.timeout_s": cfg.installer.timeout_s,
+        "installer.uv_wait_s": cfg.installer.uv_wait_s,
         "agents.boot_timeout_s": cfg.agents.boot_timeout_s,
         "agents.stop_timeout_s": cfg.agents.stop_timeout_s,
         "workers": cfg.workers,

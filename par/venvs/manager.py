@@ -92,10 +92,17 @@ class VenvManager:
         return self.uv_bootstrap.kick()
 
     def _build_installer(self) -> Installer:
-        """The installer for a build; a failed uv fetch is tried again (rate-limited)."""
+        """The installer for a build; a failed uv fetch is tried again (rate-limited).
+
+        A fetch in progress (the first build after a fresh install) is waited for, up
+        to `installer.uv_wait_s`: uv arrives in a few seconds, and builds it then
+        makes are several times faster than pip's."""
         installer = self.installer
         if installer.name == "pip" and self.cfg.installer.kind == "auto":
             self.uv_bootstrap.kick()
+            if self.uv_bootstrap.status().state == "fetching":
+                self.uv_bootstrap.wait(self.cfg.installer.uv_wait_s)
+                installer = self.installer  # uv, if it arrived
         return installer
 
     def fallback_reason(self) -> str | None:
