@@ -9,6 +9,7 @@
 - A private `/dev/shm` (size-bounded tmpfs) and an empty read-only `/run/lock`
   (`PrivateIPC=yes` is set with the rest of the sandbox in par.units).
 - Default `MemoryMax=`, `CPUQuota=` and `TasksMax=` when the deploy gives none.
+- A journal rate limit (`LogRateLimitIntervalSec=`, `LogRateLimitBurst=`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def network_properties(cfg: Config, ports: dict[str, int]) -> dict[str, object]:
     if cfg.agents.ip_address_deny:
         props["IPAddressDeny"] = ip_address_deny(cfg.agents.ip_address_deny)
     return props
+
+
+def journal_properties(cfg: Config) -> dict[str, object]:
+    """A journal rate limit of the agent's own: a flooding agent loses its own lines,
+    never the journal's room for the others' (journald counts per unit)."""
+    return {"LogRateLimitIntervalUSec": cfg.agents.log_rate_limit_interval_s * 1_000_000,
+            "LogRateLimitBurst": cfg.agents.log_rate_limit_burst}
 
 
 def bind_filter_enforced(features: str) -> bool:

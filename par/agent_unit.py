@@ -207,5 +207,6 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir),
                          *([str(launch.layer_path)] if launch.layer_path else [])),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
-        extra=agent_isolation.network_properties(cfg, launch.ports),
+        extra={**agent_isolation.network_properties(cfg, launch.ports),
+               **agent_isolation.journal_properties(cfg)},
     )

@@ -151,6 +151,10 @@ class Agents:
         200, "CPUQuota= (100 = one CPU) of an agent whose deploy gives no cpuUnits; null = none.")
     tasks_max: int = setting(512, "Most processes and threads one agent may have (TasksMax=).")
     shm_size_mb: int = setting(64, "Size of each agent's private /dev/shm, in MiB.")
+    log_rate_limit_interval_s: int = setting(
+        30, "Window of an agent's journal rate limit (LogRateLimitIntervalSec=).")
+    log_rate_limit_burst: int = setting(
+        5000, "Lines an agent may log per window; journald drops the rest and says how many.")
     ip_address_deny: list[str] = setting(
         factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
         doc="Addresses agents may not reach (IPAddressDeny=); default: cloud metadata services.")
@@ -319,6 +323,8 @@ def _check(cfg: Config) -> None:
         "listen.max_long_polls": cfg.listen.max_long_polls,
         "agents.tasks_max": cfg.agents.tasks_max,
         "agents.shm_size_mb": cfg.agents.shm_size_mb,
+        "agents.log_rate_limit_interval_s": cfg.agents.log_rate_limit_interval_s,
+        "agents.log_rate_limit_burst": cfg.agents.log_rate_limit_burst,
         # None (no limit) is allowed; 0 or less is not
         "agents.memory_max_mb": 1 if cfg.agents.memory_max_mb is None else cfg.agents.memory_max_mb,
         "agents.cpu_quota_percent":

@@ -31,4 +31,6 @@ EXTRA_SIGNATURES: dict[bytes, bytes] = {
     # (address family, IP protocol, number of ports, first port); all zero = "any"
     b"SocketBindAllow": b"a(iiqq)",
     b"SocketBindDeny": b"a(iiqq)",
+    b"LogRateLimitIntervalUSec": b"t",
+    b"LogRateLimitBurst": b"u",
 }
