@@ -30,14 +30,9 @@ from par import ids
 from par.config import Config
 from par.deploy_request import DeployRequest, parse_deploy_request
 from par.errors import ParError
-from par.http_server import (
-    ConnectionLimits,
-    Endpoint,
-    HttpServer,
-    MethodNotAllowed,
-    Request,
-    Response,
-)
+from par.http_limits import ConnectionLimits
+from par.http_server import HttpServer
+from par.http_types import Endpoint, MethodNotAllowed, Request, Response
 from par.store import STATUSES
 
 ACTIONS = ("stop", "start", "restart")
@@ -90,7 +85,22 @@ def _json_body(req: Request) -> dict:
         raise ParError("bad_json", f"the request body is not valid JSON: {detail}") from exc
     if not isinstance(value, dict):
         raise ParError("not_object", "the request body must be a JSON object")
+    if _depth(value) > req.max_json_depth:
+        raise ParError("bad_json", f"the request body nests objects and arrays more than "
+                       f"{req.max_json_depth} deep (listen.max_json_depth)")
     return value
+
+
+def _depth(value: object) -> int:
+    """How deep objects and arrays nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -338,11 +348,13 @@ def resolve(method: str, raw_path: str) -> tuple[Route, tuple[str, ...]]:
     raise MethodNotAllowed(allowed)
 
 
-def endpoint(service: Service, method: str, raw_path: str) -> Endpoint:
+def endpoint(service: Service, method: str, raw_path: str,
+             max_json_depth: int = 32) -> Endpoint:
     """The route for `method` and path as an `Endpoint` calling `service` (see `resolve`)."""
     route, params = resolve(method, raw_path)
     return Endpoint(
-        answer=lambda req: route.handler(service, replace(req, params=params)),
+        answer=lambda req: route.handler(
+            service, replace(req, params=params, max_json_depth=max_json_depth)),
         needs_body=route.needs_body,
     )
 
@@ -353,7 +365,10 @@ class ApiServer(HttpServer):
     def __init__(self, service: Service, cfg: Config, logger: logging.Logger) -> None:
         lim = cfg.listen
         super().__init__(
-            functools.partial(endpoint, service), lim.max_body_bytes, logger,
-            unix_limits=ConnectionLimits(lim.max_unix_connections, None, lim.request_deadline_s),
+            functools.partial(endpoint, service, max_json_depth=lim.max_json_depth),
+            lim.max_body_bytes, logger,
+            unix_limits=ConnectionLimits(lim.max_unix_connections, None, lim.request_deadline_s,
+                                         lim.max_request_line_bytes, lim.max_header_bytes),
             tcp_limits=ConnectionLimits(lim.max_tcp_connections, lim.max_tcp_connections_per_ip,
-                                        lim.request_deadline_s))
+                                        lim.request_deadline_s, lim.max_request_line_bytes,
+                                        lim.max_header_bytes))

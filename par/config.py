@@ -71,6 +71,12 @@ class Listen:
         "idle wait included; slower ones are dropped.")
     max_long_polls: int = setting(
         32, "Most GET ...?wait= requests held at once; beyond it they answer at once.")
+    max_request_line_bytes: int = setting(
+        8192, "Longest request line (method, path, query, version) accepted (414 beyond).")
+    max_header_bytes: int = setting(
+        32768, "Largest total size of a request's headers (431 beyond).")
+    max_json_depth: int = setting(
+        32, "Deepest nesting of objects and arrays accepted in a JSON body (400 beyond).")
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,9 @@ def _check(cfg: Config) -> None:
         "listen.max_unix_connections": cfg.listen.max_unix_connections,
         "listen.request_deadline_s": cfg.listen.request_deadline_s,
         "listen.max_long_polls": cfg.listen.max_long_polls,
+        "listen.max_request_line_bytes": cfg.listen.max_request_line_bytes,
+        "listen.max_header_bytes": cfg.listen.max_header_bytes,
+        "listen.max_json_depth": cfg.listen.max_json_depth,
         "agents.tasks_max": cfg.agents.tasks_max,
         "agents.shm_size_mb": cfg.agents.shm_size_mb,
         "agents.log_rate_limit_interval_s": cfg.agents.log_rate_limit_interval_s,

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from email.message import Message
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,19 @@ class ConnectionLimits:
     max_connections: int = 256
     max_per_address: int | None = None  # TCP: per client address; None: no such cap
     request_deadline_s: float = 15.0
+    max_request_line: int = 8192  # bytes, method and target included (414 beyond)
+    max_header_bytes: int = 32768  # all header lines together (431 beyond)
+
+
+def oversized(request_line: bytes, headers: Message,
+              limits: ConnectionLimits) -> tuple[int, str] | None:
+    """(status, message) for a request line or headers over their caps, else None."""
+    if len(request_line) > limits.max_request_line:
+        return 414, f"the request line is longer than {limits.max_request_line} bytes"
+    size = sum(len(k) + len(v) + 4 for k, v in headers.items())
+    if size > limits.max_header_bytes:
+        return 431, f"the headers are larger than {limits.max_header_bytes} bytes"
+    return None
 
 
 UNIX_DEFAULTS = ConnectionLimits(max_connections=64)

@@ -11,19 +11,16 @@ Choices worth knowing:
   An idle or slow connection is dropped after `IDLE_TIMEOUT_S`, and a request
   must arrive whole (line, headers, body) within its deadline: a reaper thread
   shuts down connections past it, however slowly they trickle bytes.
-- Connections are capped per listener (TCP and the unix socket have budgets of
-  their own) and, on TCP, per client address; one over a cap is closed at once,
-  before a thread is spent on it.
+- Connections are capped per listener and per TCP address, the request line and
+  the headers by size (par.http_limits): beyond a cap, closed or 414/431 at once.
 - TCP checks the bearer token before anything else (also for unknown paths,
   which therefore answer 401, not 404) and before reading a single body byte.
 - Bodies without Content-Length (chunked) are refused with 411; a body larger
   than the server's `max_body` is refused with 413 by its Content-Length, unread.
   `Expect: 100-continue` is honoured only once the body will really be read.
 - A `ParError` keeps its status and envelope; any other exception is a 500
-  `internal`, its traceback logged, never returned.
-- One JSON log line per request (method, path without query, status, ms);
-  never the body or the Authorization header.
-- Endpoints are called from several request threads at once.
+  `internal`, its traceback logged, never returned.  One log line per request,
+  never with the body or the Authorization header.  Endpoints run in many threads.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,7 +45,20 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from par.errors import ParError
-from par.http_limits import TCP_DEFAULTS, UNIX_DEFAULTS, ConnectionLimits, Connections
+from par.http_limits import (
+    TCP_DEFAULTS,
+    UNIX_DEFAULTS,
+    ConnectionLimits,
+    Connections,
+    oversized,
+)
+from par.http_types import (
+    Request,
+    Resolver,
+    Response,
+    Unauthorized,
+    error_response,
+)
 from par.log import event
 
 IDLE_TIMEOUT_S = 30.0
@@ -77,66 +86,6 @@ _STATUS_CODES = {
     501: "not_implemented",
     505: "http_version_not_supported",
 }
-
-
-@dataclass(frozen=True)
-class Request:
-    """One decoded request, as an endpoint sees it."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    local: bool
-    params: tuple[str, ...] = ()  # path parameters, set by the resolver's endpoint
-
-
-@dataclass(frozen=True)
-class Response:
-    """What goes back: a JSON-able body (dict) or text (metrics)."""
-
-    status: int
-    body: dict | str
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-class MethodNotAllowed(ParError):
-    """405, carrying the methods the path accepts (for the Allow header)."""
-
-    def __init__(self, allowed: str) -> None:
-        super().__init__("method_not_allowed", f"method not allowed here; use {allowed}", None, 405)
-        self.allowed = allowed
-
-
-class Unauthorized(ParError):
-    """401 on TCP: no or a wrong bearer token."""
-
-    def __init__(self) -> None:
-        message = "a valid Authorization: Bearer token is required"
-        super().__init__("unauthorized", message, None, 401)
-
-
-def error_response(err: ParError) -> Response:
-    """The one error envelope, `{"error": {"code", "message", "field"}}`, with err's status."""
-    headers: tuple[tuple[str, str], ...] = ()
-    if isinstance(err, Unauthorized):
-        headers = (("WWW-Authenticate", 'Bearer realm="par"'),)
-    elif isinstance(err, MethodNotAllowed):
-        headers = (("Allow", err.allowed),)
-    return Response(err.status, {"error": err.to_dict()}, headers)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """What a request line resolved to: whether it takes a body, and what answers it."""
-
-    answer: Callable[[Request], Response]
-    needs_body: bool = False
-
-
-# (method, raw path) -> Endpoint; raises ParError (404, 405 as MethodNotAllowed, 400).
-Resolver = Callable[[str, str], Endpoint]
 
 
 # ---- servers and connections ---------------------------------------------------
@@ -258,7 +207,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         self._t0 = time.monotonic()
-        return super().parse_request()
+        if not super().parse_request():
+            return False
+        refused = oversized(getattr(self, "raw_requestline", b""), self.headers,
+                            self.server.connections.limits)
+        if refused is not None:
+            self.send_error(*refused)
+        return refused is None
 
     def handle_expect_100(self) -> bool:
         # http.server would say "100 Continue" before auth and the size check; _read_body

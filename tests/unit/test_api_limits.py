@@ -20,7 +20,9 @@ import pytest
 from par import log
 from par.client import UnixHTTPConnection
 from par.config import Config
-from par.http_server import ConnectionLimits, Endpoint, HttpServer, Response
+from par.http_limits import ConnectionLimits
+from par.http_server import HttpServer
+from par.http_types import Endpoint, Response
 
 TOKEN = "t0ken"
 
@@ -137,3 +139,44 @@ def test_the_listener_cap_holds_across_addresses(served) -> None:
             s.close()
     time.sleep(0.3)
     assert tcp_get(port) == 200  # released as the slow ones went
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_request_line_and_headers_are_capped(served) -> None:
+    _, _, port, _ = served
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    just = b"GET /" + b"a" * (8192 - 20) + b" HTTP/1.1\r\n"
+    assert len(just) <= 8192
+    assert raw_exchange(port, just + auth + b"Host: x\r\nConnection: close\r\n\r\n") \
+        .startswith(b"HTTP/1.1 200")
+    over = b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n"
+    answer = raw_exchange(port, over + auth + b"Host: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 414") and b'"code": "uri_too_long"' in answer
+    big = b"".join(f"X-H{i}: {'v' * 1000}\r\n".encode() for i in range(40))  # ~41 KB
+    answer = raw_exchange(port, b"GET /health HTTP/1.1\r\n" + auth + big + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431") and b"headers_too_large" in answer
+
+
+def test_json_depth_is_capped() -> None:
+    from par.api import _json_body
+    from par.errors import ParError
+    from par.http_types import Request
+
+    def req(body: str) -> Request:
+        return Request("POST", "/deploy", {}, {}, body.encode(), True, max_json_depth=4)
+
+    assert _json_body(req('{"a": {"b": {"c": [1]}}}'))["a"]  # depth 4: accepted
+    with pytest.raises(ParError) as info:
+        _json_body(req('{"a": {"b": {"c": [[1]]}}}'))
+    assert info.value.code == "bad_json" and "listen.max_json_depth" in info.value.message
+    with pytest.raises(ParError):  # far deeper than Python's recursion limit
+        _json_body(req('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"))
