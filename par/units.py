@@ -116,6 +116,7 @@ def properties(spec: UnitSpec) -> dict[bytes, object]:
         p["RestartPreventExitStatus"] = (list(spec.restart_prevent_exit_status), [])
     if spec.memory_max_bytes:
         p["MemoryMax"] = spec.memory_max_bytes
+        p["MemorySwapMax"] = 0  # else the limit only moves the agent's memory to swap
     if spec.cpu_quota:
         p["CPUQuotaPerSecUSec"] = int(spec.cpu_quota * 1_000_000)
     if spec.tasks_max:

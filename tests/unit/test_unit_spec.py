@@ -61,6 +61,7 @@ def test_unit_spec_properties_all_have_signatures(tmp_path: Path) -> None:
     assert props[b"Restart"] == "on-failure"
     assert props[b"TimeoutStopUSec"] == 7_000_000
     assert props[b"MemoryMax"] == 256 * 1024 * 1024
+    assert props[b"MemorySwapMax"] == 0  # the limit is not a move to swap
     assert props[b"CPUQuotaPerSecUSec"] == 500_000  # 512 units = half a CPU
     assert props[b"DynamicUser"] is True and props[b"User"] == "par-hello"
     assert props[b"StateDirectory"] == [f"par-agents/{agent_state.org_key('org')}/hello"]
