@@ -230,9 +230,10 @@ def test_attack_8_metadata_ipc_and_shm_are_closed(pard: Pard) -> None:
 def test_attack_10_default_limits(pard: Pard) -> None:
     """Without request values units had MemoryMax=infinity, no CPU quota, TasksMax=28908."""
     d = deployed(pard, "atk-limits")
-    props = show("par-agent@atk-limits.service", "MemoryMax", "CPUQuotaPerSecUSec", "TasksMax")
-    assert props == {"MemoryMax": str(2048 * 1024 * 1024), "CPUQuotaPerSecUSec": "2s",
-                     "TasksMax": "512"}, props
+    props = show("par-agent@atk-limits.service", "MemoryMax", "MemorySwapMax",
+                 "CPUQuotaPerSecUSec", "TasksMax")
+    assert props == {"MemoryMax": str(2048 * 1024 * 1024), "MemorySwapMax": "0",
+                     "CPUQuotaPerSecUSec": "2s", "TasksMax": "512"}, props
     pard.client().delete(d["deploymentId"], purge=True)
     d = deployed(pard, "atk-limits", memoryMB=300, cpuUnits=512)
     props = show("par-agent@atk-limits.service", "MemoryMax", "CPUQuotaPerSecUSec")

@@ -147,6 +147,21 @@ TABLE = Table(
              "`GET /deployments?agentAppId=` lists the current deployment and the 3 newest "
              "past ones; `packages/` and `extracted/` hold the current version's package and "
              "1 spare, nothing else"),
+        Case("journal-flood", "an agent prints 5,000 lines at once (agents.log_rate_limit_burst "
+             "200)",
+             "the unit has LogRateLimitIntervalSec=30s, LogRateLimitBurst=200; journald keeps "
+             "a few times the burst (it scales with free disk) and drops the rest; another "
+             "agent's lines arrive",
+             "tests/integration/test_attacks.py::test_a_journal_flood_is_cut_per_agent"),
+        Case("default-limits", "a deploy without memoryMB or cpuUnits",
+             "the unit gets MemoryMax= (agents.memory_max_mb, with MemorySwapMax=0), CPUQuota= "
+             "and TasksMax= (fork bombs) from par.yaml",
+             "tests/integration/test_attacks.py::test_attack_10_default_limits"),
+        Case("api-caps", "a request line over 8 KiB, headers over 32 KiB, JSON nested deeper "
+             "than 32, 300 slow clients from one address",
+             "414, 431, 400 naming listen.max_json_depth; the slow clients are capped per "
+             "address and cut at their deadline while others are served (attack 5)",
+             "tests/integration/test_attacks.py::test_attack_5_slow_clients_do_not_take_the_api"),
     ),
 )
 

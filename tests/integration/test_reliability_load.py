@@ -25,6 +25,7 @@ import pytest
 from par.client import ApiError, DaemonUnreachable
 from par.units import Systemd
 from tests.integration import agents
+from tests.integration.conftest import wait_for
 from tests.integration.pard import Pard, apkg_with, temp_leftovers
 from tests.reliability_cases import (
     Case,
@@ -76,6 +77,16 @@ TABLE = Table(
         Case("twenty-agents", "20 different agents deployed at once",
              "all healthy, 20 distinct REST ports, events recorded",
              "tests/integration/test_pard.py::test_twenty_deploys_at_once"),
+        Case("one-agent-races", "6 deploys, 3 restarts and 3 removals of one agent, all at "
+             "once from 6 threads",
+             "no 5xx; every deployment ends in a final status; at most one current; its unit "
+             "runs exactly when a current deployment should, with that deployment's id (no "
+             "orphan unit); a purge of all of them leaves no unit and no file of the agent"),
+        Case("deleted-queued-deploys", "50 deploys of different agents at once, 25 of them "
+             "deleted right after their 202",
+             "no deleted deploy ends healthy or current; none of their units runs; the others "
+             "are listed (attack 7)",
+             "tests/integration/test_attacks.py::test_attack_7_deleted_queued_deploys_stay_deleted"),
     ),
 )
 
@@ -257,6 +268,61 @@ def test_rss_bounded(pard: Pard, run: LoadRun) -> None:
             f"the run, {after / MIB:.0f} MiB after ({len(run.rss)} samples)")
     assert run.rss, "no RSS sample"
     assert peak < RSS_LIMIT, peak
+
+
+def test_one_agent_races(pard: Pard) -> None:
+    agent = "ld-race"
+    client = pard.client(timeout=120)
+    apkgs = [(f"2.0.{i}", apkg_with(pard.root / "apkg", {
+        "agent.yaml": agents.manifest(agent, f"2.0.{i}"),
+        "src/main.py": "def handler(ctx):\n    return {}\n"})) for i in range(3)]
+    first = pard.deploy(agent, apkgs[0][1], version=apkgs[0][0])
+    assert first["status"] == "healthy", first
+
+    def deploy(i: int) -> str:
+        version, apkg = apkgs[i % 3]
+        return pard.deploy(agent, apkg, version=version, wait=False)["deploymentId"]
+
+    def act(name: str) -> str:
+        try:
+            if name == "rm":
+                client.delete(agent)
+            else:
+                client.action(agent, name)
+            return "ok"
+        except ApiError as err:  # not current / not found meanwhile: refused, not broken
+            assert err.status < 500, err
+            return err.code
+
+    ops = [lambda i=i: deploy(i) for i in range(6)] + \
+        [lambda: act("restart")] * 3 + [lambda: act("rm")] * 3
+    order = [0, 6, 9, 1, 7, 2, 10, 3, 8, 4, 11, 5]  # interleaved, the same every run
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(lambda k: ops[k](), order))
+    measure("one agent, 12 operations at once", f"outcomes {Counter(outcomes)}")
+
+    def settled() -> list[dict] | None:
+        rows = client.deployments(agent)["deployments"]
+        return rows if all(r["status"] in (*TERMINAL, "removed") for r in rows) else None
+
+    rows = wait_for(settled, timeout=180)
+    current = [r for r in rows if r["current"]]
+    assert len(current) <= 1, current
+    st = Systemd().status(f"par-agent@{agent}.service")
+    running = st.active_state in ("active", "activating", "reloading")
+    should = bool(current) and current[0]["desiredState"] == "running" \
+        and current[0]["status"] == "healthy"
+    assert running == should, (st, current)
+    if running:
+        env = Systemd().property(st.name, "Service", "Environment") or []
+        ids = [bytes(x).decode() for x in env if bytes(x).startswith(b"DEPLOYMENT_ID=")]
+        assert ids == [f"DEPLOYMENT_ID={current[0]['deploymentId']}"], ids
+    for r in rows:
+        client.delete(r["deploymentId"], purge=True)
+    assert not Systemd().status(f"par-agent@{agent}.service").exists
+    for folder in ("packages", "extracted", "venvs"):
+        left = sorted(p.name for p in (pard.state / folder).glob(f"{agent}[@_]*"))
+        assert left == [], (folder, left)
 
 
 def test_purge_all_at_once(pard: Pard, run: LoadRun) -> None:
