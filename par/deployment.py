@@ -16,6 +16,10 @@ STATUSES = (
 # A deploy or stop is under way: reconcile finishes or fails these after a restart.
 IN_FLIGHT = ("pending", "downloading", "loading", "starting", "stopping")
 DESIRED_STATES = ("running", "stopped", "removed")
+# What the phases of a deploy are called where people read them (parctl, the API's
+# `phases[].label`); the statuses keep their names (docs/api.md).
+PHASE_LABELS = {"downloading": "downloading", "loading": "building venv",
+                "starting": "starting"}
 REDACTED = "***"
 
 
@@ -99,7 +103,9 @@ class Deployment:
             "venvReused": self.venv_reused,
             "packageDigest": self.package_digest,
             "ports": dict(self.ports),
-            "phases": copy.deepcopy(self.phases),
+            # each phase with the words parctl shows for it (one name everywhere)
+            "phases": {name: {**phase, "label": PHASE_LABELS.get(name, name)}
+                       for name, phase in copy.deepcopy(self.phases).items()},
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
             "request": copy.deepcopy(self.request),

@@ -6,17 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from par import deployment
 from par.cli.app import App
 from par.client import ApiError, Client
 
 # Deploy phases in the order pard runs them, and how parctl names them.
 PHASES = ("downloading", "loading", "starting")
-PHASE_LABELS = {
-    "pending": "waiting for a worker",
-    "downloading": "downloading",
-    "loading": "building venv",
-    "starting": "starting",
-}
+PHASE_LABELS = {"pending": "waiting for a worker", **deployment.PHASE_LABELS}
 # Statuses after which a deployment no longer changes by itself.
 FINAL_STATUSES = ("healthy", "failed", "stopped", "removed")
 # How long one request of `wait_for` lets pard hold the answer back (it answers on any change).
