@@ -45,6 +45,14 @@ def resolve(store: Store, ident: str) -> Deployment:
     raise NotFound(f"no deployment or agent named {ident!r}", "id")
 
 
+def _current(d: Deployment) -> Deployment:
+    """`d`, when it is its agent's current deployment; else 409 `not_current`."""
+    if not d.current:
+        raise ParError("not_current", f"deployment {d.deployment_id} is not the current "
+                       f"one of {d.agent_app_id}", "id", 409)
+    return d
+
+
 @dataclass(frozen=True)
 class Actions:
     """The agent actions of the API, over the pipeline's steps."""
@@ -58,11 +66,11 @@ class Actions:
         if name not in ACTIONS:
             raise ParError("bad_action", f"unknown action {name!r}", "action", 400)
         store = self.core.store
-        d = resolve(store, ident)
-        if not d.current:
-            raise ParError("not_current", f"deployment {d.deployment_id} is not the current "
-                           f"one of {d.agent_app_id}", "id", 409)
+        d = _current(resolve(store, ident))
         with self.locks.of(d.agent_app_id):
+            # as it is now: a removal or a deploy that held the lock may have changed it,
+            # and acting on the record read before would start a unit nothing owns
+            d = _current(store.get(d.deployment_id))
             if name == "stop":
                 self._stop(d)
             else:
@@ -112,10 +120,7 @@ class Actions:
         the next start of its unit (a restart, a crash) uses them: (200, record).
         Names are checked as a deploy request's; values are never returned."""
         core, store = self.core, self.core.store
-        d = resolve(store, ident)
-        if not d.current:
-            raise ParError("not_current", f"deployment {d.deployment_id} is not the current "
-                           f"one of {d.agent_app_id}", "id", 409)
+        d = _current(resolve(store, ident))
         env = {**d.env, **values}
         for key in unset:
             env.pop(key, None)
@@ -128,9 +133,9 @@ class Actions:
         if restart:
             return self.deployer.submit(req)
         with self.locks.of(d.agent_app_id):
+            _current(store.get(d.deployment_id))  # still current now that the lock is ours
             d = store.set_env(d.deployment_id, req.env)
-            if d.current:
-                write_env_file(core.cfg, pipeline.relaunch(core, d))
+            write_env_file(core.cfg, pipeline.relaunch(core, d))
         return 200, {"deployment": d.to_api(), "restart": "pending"}
 
     def remove(self, ident: str, purge: bool) -> dict:

@@ -232,3 +232,33 @@ def test_env_set_refuses_what_a_deploy_refuses(core_env: CoreEnv) -> None:
             e.actions.set_env(AGENT, values, [], True)
         assert info.value.field == field, info.value
     assert [d.deployment_id for d in e.store.deployments(agent_app_id=AGENT)] == ["d1"]
+
+
+def test_an_action_waiting_for_the_lock_acts_on_the_record_as_it_is_then(
+        core_env: CoreEnv) -> None:
+    """A restart that resolved the current deployment, then waited while a removal ran,
+    must not start the removed deployment's unit again (found by the load table's races)."""
+    import threading
+    import time
+
+    e = core_env
+    deployed(e)
+    outcome: list[object] = []
+    with e.locks.of(AGENT):  # the removal holds the lock ...
+        waiter = threading.Thread(target=lambda: outcome.append(_try(e, "restart")))
+        waiter.start()
+        time.sleep(0.3)  # the restart has resolved d1 (current then) and waits for the lock
+        e.store.clear_current(AGENT)  # ... and does its work meanwhile
+        e.store.update("d1", desired_state="removed", status="removed")
+        e.fake.stop("par-agent@agent-a.service", wait_s=1)
+    waiter.join(10)
+    assert outcome == ["not_current"]
+    assert e.fake.unit(AGENT) is None  # no unit that no deployment owns
+
+
+def _try(e: CoreEnv, name: str) -> object:
+    try:
+        e.actions.act(AGENT, name)
+        return "acted"
+    except ParError as err:
+        return err.code
