@@ -19,7 +19,6 @@ for package URLs, measurements that end up in the document).
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import importlib
 import json
@@ -29,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,26 +421,3 @@ def retry_until(predicate: Callable[[], object], timeout: float, interval: float
         time.sleep(interval)
 
 
-@contextlib.contextmanager
-def running_pard(tag: str, config_extra: dict | None = None, *, tcp: bool = True,
-                 token_file: Path | None = None) -> Iterator:
-    """A pard (par.service from the source tree) with `config_extra`, and a TCP listener with
-    the test token when `tcp` (read from `token_file`, which then must hold it, else from a
-    file in the test root); torn down (agents included) at the end."""
-    from tests.integration.pard import TEST_TOKEN, Pard, free_port, new_root
-
-    extra = {k: dict(v) if isinstance(v, dict) else v for k, v in (config_extra or {}).items()}
-    p = Pard(new_root(tag), config_extra=extra)
-    p.root.mkdir(parents=True, exist_ok=True)
-    if tcp:
-        if token_file is None:
-            token_file = p.root / "token"
-            token_file.write_text(TEST_TOKEN + "\n")
-            token_file.chmod(0o600)  # pard refuses a token others can read
-        p.config_extra.setdefault("listen", {}).update(
-            {"tcp": f"127.0.0.1:{free_port()}", "token_file": str(token_file)})
-    p.start()
-    try:
-        yield p
-    finally:
-        p.teardown()

@@ -74,13 +74,18 @@ def write_token(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_pard(tag: str, **config_extra: dict) -> Iterator[Pard]:
-    """A started pard with a TCP listener (on a free port: sandboxes share the host's
-    network) and a root-only token, `config_extra` merged into its par.yaml; torn
-    down afterwards."""
-    listen = {"tcp": f"127.0.0.1:{free_port()}", **config_extra.pop("listen", {})}
-    p = Pard(new_root(tag), config_extra={"listen": listen, **config_extra})
-    listen["token_file"] = str(write_token(p.root))
+def running_pard(tag: str, config_extra: dict | None = None, *, tcp: bool = True,
+                 token_file: Path | None = None) -> Iterator[Pard]:
+    """A started pard (par.service from the source tree) with `config_extra` merged into
+    its par.yaml and, when `tcp`, a TCP listener on a free port (sandboxes share the
+    host's network) with the test token (from `token_file`, which must then hold it,
+    else a root-only file of its own); torn down (agents included) at the end."""
+    extra = {k: dict(v) if isinstance(v, dict) else v for k, v in (config_extra or {}).items()}
+    p = Pard(new_root(tag), config_extra=extra)
+    if tcp:
+        extra.setdefault("listen", {}).update(
+            {"tcp": f"127.0.0.1:{free_port()}",
+             "token_file": str(token_file or write_token(p.root))})
     try:
         p.start()
         yield p

@@ -91,11 +91,11 @@ def show(unit: str, *props: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pard() -> Iterator[Pard]:
-    with running_pard("atk", agents={
+    with running_pard("atk", {"agents": {
             "ip_address_deny": ["169.254.169.254/32", "fd00:ec2::254/128",
                                 f"{DENIED_TEST_ADDRESS}/32"],
             # small enough for a test to flood past it quickly
-            "log_rate_limit_interval_s": 30, "log_rate_limit_burst": 200}) as p:
+            "log_rate_limit_interval_s": 30, "log_rate_limit_burst": 200}}) as p:
         yield p
 
 

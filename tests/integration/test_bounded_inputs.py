@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import wait_for
-from tests.integration.pard import Pard, temp_leftovers
+from tests.integration.pard import Pard, running_pard, temp_leftovers
 from tests.reliability_cases import (
     Answer,
     Case,
@@ -31,7 +31,6 @@ from tests.reliability_cases import (
     measure,
     param_node,
     raw_request,
-    running_pard,
     wait_status,
 )
 from tests.unit.apkg_factory import GOOD_MAIN, package

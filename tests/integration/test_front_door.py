@@ -91,13 +91,12 @@ def agent_files(version: str, broken: bool = False) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def pard() -> Iterator[Pard]:
     """A pard whose front door waits up to 30 s and has short client timeouts."""
-    with running_pard(
-            "front",
-            front={"hold_s": 30.0, "header_timeout_s": 2.0, "body_timeout_s": 2.0,
-                   "max_body_bytes": 1024 * 1024},
+    with running_pard("front", {
+            "front": {"hold_s": 30.0, "header_timeout_s": 2.0, "body_timeout_s": 2.0,
+                      "max_body_bytes": 1024 * 1024},
             # Sandboxes share the host's network and other test pards allocate from 18100
             # up: while this agent restarts, one of theirs could take its free port.
-            ports={"rest": [28100, 28199], "a2a": [58100, 58199], "ui": [23100, 23199]}) as p:
+            "ports": {"rest": [28100, 28199], "a2a": [58100, 58199], "ui": [23100, 23199]}}) as p:
         yield p
 
 

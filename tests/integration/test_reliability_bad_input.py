@@ -26,7 +26,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration import agents
-from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, free_port, new_root, serve_files
+from tests.integration.pard import (
+    TEST_TOKEN,
+    Pard,
+    apkg_with,
+    free_port,
+    new_root,
+    running_pard,
+    serve_files,
+)
 from tests.reliability_cases import (
     Answer,
     Case,
@@ -38,7 +46,6 @@ from tests.reliability_cases import (
     main_pid,
     param_node,
     raw_request,
-    running_pard,
     wait_status,
 )
 from tests.unit.apkg_factory import (

@@ -25,7 +25,7 @@ import pytest
 from par.client import ApiError, DaemonUnreachable
 from par.store import Deployment, Store
 from tests.integration import agents
-from tests.integration.pard import Pard, apkg_with, new_root, sh, temp_leftovers
+from tests.integration.pard import Pard, apkg_with, new_root, running_pard, sh, temp_leftovers
 from tests.reliability_cases import (
     Case,
     Resident,
@@ -34,7 +34,6 @@ from tests.reliability_cases import (
     main_pid,
     measure,
     retry_until,
-    running_pard,
     wait_status,
 )
 from tests.wheels import build_hanging_sdist, build_wheel

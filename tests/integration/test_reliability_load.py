@@ -26,7 +26,7 @@ from par.client import ApiError, DaemonUnreachable
 from par.units import Systemd
 from tests.integration import agents
 from tests.integration.conftest import wait_for
-from tests.integration.pard import Pard, apkg_with, temp_leftovers
+from tests.integration.pard import Pard, apkg_with, running_pard, temp_leftovers
 from tests.reliability_cases import (
     Case,
     Table,
@@ -36,7 +36,6 @@ from tests.reliability_cases import (
     main_pid,
     measure,
     raw_request,
-    running_pard,
     wait_status,
 )
 from tests.wheels import build_wheel

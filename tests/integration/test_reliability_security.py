@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from par import layout
-from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, sh
+from tests.integration.pard import TEST_TOKEN, Pard, apkg_with, running_pard, sh
 from tests.reliability_cases import (
     Answer,
     Case,
@@ -35,7 +35,6 @@ from tests.reliability_cases import (
     main_pid,
     measure,
     raw_request,
-    running_pard,
 )
 
 AGENT_TESTS = "tests/integration/test_agents.py"

@@ -129,8 +129,8 @@ def served(files_root: Path) -> Iterator[str]:
 def pard(served: str) -> Iterator[Pard]:
     """A pard that may reach the network (URL requirements), with the offline
     wheelhouse still as its only index."""
-    with running_pard("unpriv", installer={"offline": False,
-                                           "index_url": f"{served}/no-index/"}) as p:
+    with running_pard("unpriv", {"installer": {"offline": False,
+                                              "index_url": f"{served}/no-index/"}}) as p:
         yield p
 
 

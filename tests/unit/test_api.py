@@ -19,12 +19,12 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from par import log
 from par.api import ApiServer
 from par.client import UnixHTTPConnection
 from par.config import Config
 from par.deploy_request import DeployRequest
 from par.errors import NotFound, ParError
+from tests.unit.logs import captured_logger
 from tests.unit.test_deploy_request import BAD_CASES, INJECTION_IDS, base_request, mutate
 
 TOKEN = "t0ken-for-tests"
@@ -174,13 +174,7 @@ class Env:
 def server() -> Iterator[Env]:
     # Short folder under /tmp: unix socket paths are limited to 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="par-api-", dir="/tmp"))
-    stream = io.StringIO()
-    logger = logging.getLogger(f"par.test.api.{id(stream)}")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(log.JsonFormatter())
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
+    logger, stream = captured_logger("api")
     service = FakeService()
     api = ApiServer(service, Config(), logger)
     sock = folder / "par.sock"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import logging
 import shutil
 import socket
 import tempfile
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from par import log
 from par.client import UnixHTTPConnection
 from par.config import Config
 from par.http_limits import ConnectionLimits
 from par.http_server import HttpServer
 from par.http_types import Endpoint, Response
+from tests.unit.logs import captured_logger
 
 TOKEN = "t0ken"
 
@@ -34,13 +33,7 @@ def resolve(method: str, path: str) -> Endpoint:
 @pytest.fixture()
 def served() -> Iterator[tuple[HttpServer, Path, int, io.StringIO]]:
     folder = Path(tempfile.mkdtemp(prefix="par-lim-", dir="/tmp"))
-    stream = io.StringIO()
-    logger = logging.getLogger(f"par.test.limits.{id(stream)}")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(log.JsonFormatter())
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
+    logger, stream = captured_logger("limits")
     server = HttpServer(resolve, Config().listen.max_body_bytes, logger,
                         unix_limits=ConnectionLimits(4, None, 1.0),
                         tcp_limits=ConnectionLimits(6, 3, 1.0))

@@ -88,34 +88,30 @@ def test_manager_builds_with_pip_then_uv(tmp_path):
     assert status["bootstrap"]["state"] == "ready" and "reason" not in status
 
 
-def test_a_build_waits_for_a_fetch_in_progress(tmp_path, monkeypatch):
+def _fetching(tmp_path, monkeypatch, uv_wait_s: float) -> tuple[VenvManager, threading.Event]:
+    """A manager whose uv fetch is under way until the returned event is set."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no uv on PATH
-    cfg = _cfg(tmp_path, kind="auto", uv_wait_s=10.0)
+    cfg = _cfg(tmp_path, kind="auto", uv_wait_s=uv_wait_s)
     release = threading.Event()
 
-    def slow_fetch(cfg: config.Config) -> Path:
+    def held_fetch(cfg: config.Config) -> Path:
         release.wait(5)
         return _fake_uv_fetch(cfg)
 
     mgr = VenvManager(cfg, LOG)
-    mgr.uv_bootstrap = UvBootstrap(cfg, LOG, on_ready=mgr.reset_installer, fetch=slow_fetch)
+    mgr.uv_bootstrap = UvBootstrap(cfg, LOG, on_ready=mgr.reset_installer, fetch=held_fetch)
     assert mgr.start_uv_bootstrap() and mgr.uv_bootstrap.status().state == "fetching"
+    return mgr, release
+
+
+def test_a_build_waits_for_a_fetch_in_progress(tmp_path, monkeypatch):
+    mgr, release = _fetching(tmp_path, monkeypatch, uv_wait_s=10.0)
     threading.Timer(0.3, release.set).start()
     assert mgr._build_installer().name == "uv"  # waited for it, not pip
 
 
 def test_a_build_uses_pip_when_the_fetch_outlasts_the_wait(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    cfg = _cfg(tmp_path, kind="auto", uv_wait_s=0.2)
-    release = threading.Event()
-
-    def stuck_fetch(cfg: config.Config) -> Path:
-        release.wait(5)
-        return _fake_uv_fetch(cfg)
-
-    mgr = VenvManager(cfg, LOG)
-    mgr.uv_bootstrap = UvBootstrap(cfg, LOG, on_ready=mgr.reset_installer, fetch=stuck_fetch)
-    assert mgr.start_uv_bootstrap()
+    mgr, release = _fetching(tmp_path, monkeypatch, uv_wait_s=0.2)
     try:
         assert mgr._build_installer().name == "pip"
     finally:
