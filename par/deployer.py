@@ -35,7 +35,7 @@ from par.errors import ParError
 from par.log import event
 from par.ownership import remove_unused
 from par.pipeline import Core
-from par.store import Deployment
+from par.store import Deployment, Store
 from par.units import unit_name
 
 
@@ -75,6 +75,7 @@ class Deployer:
                 raise ParError("conflict",
                                f"deployment {req.deployment_id} exists with a different request",
                                "deploymentId", 409)
+            _refuse_overlap(store, req)
             d, _ = store.insert_deployment(Deployment(
                 deployment_id=req.deployment_id, agent_app_id=req.agent_app_id,
                 version=req.version, package_url=req.package_url, org_id=req.org_id,
@@ -261,3 +262,20 @@ class Deployer:
         store.fail(deployment_id, exc.code, exc.message, exc.field)
         event(self.core.logger, "Deployment failed", logging.WARNING, deploymentId=deployment_id,
               agentAppId=d.agent_app_id, code=exc.code, message=exc.message)
+
+
+def _refuse_overlap(store: Store, req: DeployRequest) -> None:
+    """Refuse ids that would name two agents: a deploymentId that is another agent's
+    agentAppId, or an agentAppId that is another agent's deploymentId (409
+    `ambiguous_id`).  `parctl stop <id>` would otherwise have to guess (attack 20.12);
+    records from before this check are refused at lookup instead (actions.resolve)."""
+    if req.deployment_id != req.agent_app_id and store.deployments(agent_app_id=req.deployment_id):
+        raise ParError("ambiguous_id",
+                       f"deploymentId {req.deployment_id!r} is the agentAppId of another "
+                       "agent; choose a deploymentId no agent is named", "deploymentId", 409)
+    other = store.find(req.agent_app_id)
+    if other is not None and other.agent_app_id != req.agent_app_id:
+        raise ParError("ambiguous_id",
+                       f"agentAppId {req.agent_app_id!r} is deployment {other.deployment_id} "
+                       f"of agent {other.agent_app_id}; choose another agentAppId",
+                       "agentAppId", 409)

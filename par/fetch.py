@@ -1,11 +1,13 @@
 """Download an agent package to `packages/{agentAppId}@{version}@{sha256[:12]}.apkg`.
 
-http(s) URLs (or `{"signedUrl": ...}` objects) are fetched with requests:
-a connect timeout and a total time budget, up to 3 attempts with backoff on
-connection errors and 5xx answers (a 4xx is final), and a size cap enforced
-while streaming.  The body goes to a temporary file in the same folder,
-is verified against `packageSha256` when one is given, and is renamed into
-place only then: `packages/` never holds a partial or unverified file.
+http(s) URLs (or `{"signedUrl": ...}` objects) are fetched with requests,
+only from addresses agents may reach, following at most a few checked
+redirects (par.fetch_guard), with a connect timeout and a total time budget,
+up to 3 attempts with backoff on connection errors and 5xx answers (a 4xx is
+final), and a size cap enforced while streaming.  The body goes to a
+temporary file in the same folder, is verified against `packageSha256` when
+one is given, and is renamed into place only then: `packages/` never holds
+a partial or unverified file.
 
 Kept packages are named by the digest of their bytes (par.layout), so a new
 package never replaces one a deployment was started from.  What may be
@@ -40,6 +42,7 @@ import urllib3
 from par import ids, layout
 from par.config import Config
 from par.errors import ParError
+from par.fetch_guard import AddressGuard, next_hop
 from par.fsutil import atomic_write_text, fsync_dir
 from par.log import event
 
@@ -226,17 +229,13 @@ def _body_chunks(resp: requests.Response, deadline: float, timeout_s: float) -> 
         yield chunk
 
 
-def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float,
-             conditional: dict[str, str]) -> tuple[int, str, dict[str, str]]:
-    """One GET into `out`; return (bytes, sha256, the answer's validators);
-    raise _NotModified (304 to `conditional`), _Retry or ParError."""
+def _get(session: requests.Session, url: str, cfg: Config, remaining: float,
+         conditional: dict[str, str]) -> requests.Response:
+    """One GET of `url` (no redirect followed); raise _Retry or ParError."""
     limits = cfg.limits
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise _timeout(limits.download_timeout_s)
     try:
-        resp = requests.get(
-            url, stream=True,
+        return session.get(
+            url, stream=True, allow_redirects=False,
             # The read timeout bounds each wait for data; the deadline bounds the whole.
             timeout=(min(limits.download_connect_timeout_s, remaining), remaining),
             headers={"Accept-Encoding": "identity", **conditional},
@@ -255,7 +254,37 @@ def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float,
     except requests.exceptions.RequestException as exc:
         raise ParError("package_download_failed", f"cannot download the package: {exc}",
                        _FIELD_URL, 502) from exc
-    with resp:
+
+
+def _follow(guard: AddressGuard, session: requests.Session, url: str, cfg: Config,
+            deadline: float, conditional: dict[str, str]) -> requests.Response:
+    """The answer at the end of `url`'s redirects, each hop checked by `guard`."""
+    hops = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _timeout(cfg.limits.download_timeout_s)
+        guard.check_proxied(url)
+        resp = _get(session, url, cfg, remaining, conditional)
+        try:
+            target = next_hop(url, resp, hops)
+        except BaseException:
+            resp.close()
+            raise
+        if target is None:
+            return resp
+        resp.close()
+        url, hops = target, hops + 1
+
+
+def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float,
+             conditional: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    """One GET (and its redirects) into `out`; return (bytes, sha256, the answer's
+    validators); raise _NotModified (304 to `conditional`), _Retry or ParError."""
+    limits = cfg.limits
+    guard = AddressGuard.from_config(cfg.agents.ip_address_deny)
+    with guard.session() as session, _follow(guard, session, url, cfg, deadline,
+                                             conditional) as resp:
         if resp.status_code == 304 and conditional:
             raise _NotModified()
         if resp.status_code >= 500:

@@ -1,4 +1,4 @@
-"""A local HTTP file server for tests (packages, package indexes), on 127.0.0.1."""
+"""A local HTTP file server for tests (packages, package indexes), on loopback."""
 
 from __future__ import annotations
 
@@ -12,11 +12,21 @@ from pathlib import Path
 
 
 class _FilesHandler(SimpleHTTPRequestHandler):
-    """Serves a folder; `/slow/<file>` answers only after `slow_s`; anything else missing is 404."""
+    """Serves a folder; `/slow/<file>` answers only after `slow_s`; `/to/<url>` redirects
+    (302) to `<url>`; anything else missing is 404.  Each request's path goes to `seen`."""
 
     slow_s = 0.0
+    seen: list[str] | None = None
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.seen is not None:
+            self.seen.append(self.path)
+        if self.path.startswith("/to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to/"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.startswith("/slow/"):
             time.sleep(self.slow_s)
             self.path = self.path[len("/slow"):]
@@ -27,15 +37,17 @@ class _FilesHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_files(folder: Path, slow_s: float = 0.0) -> Iterator[str]:
-    """Serve `folder` on 127.0.0.1 (pard shares the network); yields the base URL."""
-    handler = type("Handler", (_FilesHandler,), {"slow_s": slow_s})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+def serve_files(folder: Path, slow_s: float = 0.0, host: str = "127.0.0.1",
+                seen: list[str] | None = None) -> Iterator[str]:
+    """Serve `folder` on `host` (pard shares the network); yields the base URL.
+    Request paths are appended to `seen` when given."""
+    handler = type("Handler", (_FilesHandler,), {"slow_s": slow_s, "seen": seen})
+    server = ThreadingHTTPServer((host, 0), partial(handler, directory=str(folder)))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from par import agent_isolation
+from par.client import ApiError
 from tests.integration.pard import (
     TEST_TOKEN,
     Pard,
@@ -25,6 +26,7 @@ from tests.integration.pard import (
     free_port,
     new_root,
     running_pard,
+    serve_files,
     sh,
 )
 
@@ -417,3 +419,90 @@ def test_a_journal_flood_is_cut_per_agent(pard: Pard) -> None:
     assert 0 < kept < 2500, kept
     # the other agent is not starved of journal: its start is logged
     assert "atk-quiet" in lines("-u", "par-agent@atk-quiet.service")
+
+
+# ---------------------------------------------------------------- 12: packageUrl
+
+
+def test_attack_12_package_url_reaches_only_what_agents_may(pard: Pard) -> None:
+    """pard downloaded from any address and followed any redirect, and its errors told
+    whether a port answered.  Now every hop is checked against agents.ip_address_deny
+    before a connection is made, so a denied address gives one answer, listening or not."""
+    apkg = apkg_with(pard.root / "apkg", attacker("atk-url"))
+    seen_denied: list[str] = []
+    with serve_files(apkg.parent) as allowed, \
+            serve_files(apkg.parent, host=DENIED_TEST_ADDRESS, seen=seen_denied) as denied:
+        def deploy(url: str) -> dict:
+            return pard.deploy("atk-url", apkg, packageUrl=url)
+
+        direct = deploy(f"{denied}/{apkg.name}")
+        bounced = deploy(f"{allowed}/to/{denied}/{apkg.name}")
+        # a redirect to an allowed address is followed: the control
+        followed = deploy(f"{allowed}/to/{allowed}/{apkg.name}")
+        port = denied.rsplit(":", 1)[1]
+    silent = pard.deploy("atk-url", apkg,
+                         packageUrl=f"http://{DENIED_TEST_ADDRESS}:{port}/{apkg.name}")
+    metadata = pard.deploy("atk-url", apkg,
+                           packageUrl="http://169.254.169.254/latest/meta-data/")
+    for failed in (direct, bounced, silent, metadata):
+        assert failed["status"] == "failed", failed
+        assert failed["error"]["code"] == "package_url_forbidden", failed["error"]
+        assert failed["error"]["field"] == "packageUrl"
+    assert seen_denied == []  # not one request reached the denied address
+    # listening or not, the same message: no oracle
+    assert direct["error"]["message"] == silent["error"]["message"]
+    assert followed["status"] == "healthy", followed
+
+
+def _get(port: int, path: str) -> int:
+    """The status of GET `path` on 127.0.0.1:`port` (sent as written, no normalising)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = s.recv(4096).decode("latin-1")
+    return int(head.split(" ", 2)[1])
+
+
+def test_attack_12_ui_serves_no_package_root_or_dotfiles(pard: Pard) -> None:
+    """`ui.path: .` served `.env` and the sources: the package root is refused as a UI
+    folder, and the UI surface answers 404 for any dotfile, however it is spelled."""
+    root_ui = apkg_with(pard.root / "apkg", {
+        "agent.yaml": agents.manifest("atk-ui", extra="ui:\n  path: .\n"),
+        "src/main.py": "def handler(ctx):\n    return {}\n", ".env": "SECRET=1\n"})
+    d = pard.deploy("atk-ui", root_ui)
+    assert d["status"] == "failed", d
+    assert (d["error"]["code"], d["error"]["field"]) == ("manifest_invalid", "ui.path")
+    folder_ui = apkg_with(pard.root / "apkg", {
+        "agent.yaml": agents.manifest("atk-ui", extra="ui:\n  path: ui\n"),
+        "src/main.py": "def handler(ctx):\n    return {}\n", ".env": "SECRET=1\n",
+        "ui/index.html": "<p>hi</p>\n", "ui/.secret": "no\n", "ui/.git/config": "no\n"})
+    d = pard.deploy("atk-ui", folder_ui)
+    assert d["status"] == "healthy", d
+    port = d["ports"]["ui"]
+    assert _get(port, "/index.html") == 200
+    for path in ("/.secret", "/%2esecret", "/.git/config", "/%2Egit/config",
+                 "/../.env", "/%2e%2e/.env", "/x/../.secret"):
+        assert _get(port, path) == 404, path
+    pard.client().delete(d["deploymentId"], purge=True)
+
+
+def test_attack_12_an_id_naming_two_agents_is_refused(pard: Pard) -> None:
+    """A deploymentId equal to another agent's agentAppId made `stop <that id>` stop the
+    wrong agent: such a deploy is now refused (409 ambiguous_id), either way round, and
+    the agent's id keeps meaning the agent."""
+    b = deployed(pard, "atk-amb-b")
+    a = deployed(pard, "atk-amb-a")
+    def body(deployment_id: str, agent: str) -> dict:
+        return {"deploymentId": deployment_id, "agentAppId": agent, "orgId": "org-test",
+                "version": "1.0.0", "packageUrl": "file:///nonexistent.apkg"}
+
+    for req, field in ((body("atk-amb-b", "atk-amb-a"), "deploymentId"),
+                       (body("atk-amb-c-1", a["deploymentId"]), "agentAppId")):
+        with pytest.raises(ApiError) as err:
+            pard.client().deploy(req)
+        assert (err.value.code, err.value.status, err.value.field) == (
+            "ambiguous_id", 409, field), err.value
+    assert pard.client().action("atk-amb-b", "stop")["deploymentId"] == b["deploymentId"]
+    assert show("par-agent@atk-amb-b.service", "ActiveState")["ActiveState"] != "active"
+    assert show("par-agent@atk-amb-a.service", "ActiveState")["ActiveState"] == "active"
+    for d in (a, b):
+        pard.client().delete(d["deploymentId"], purge=True)

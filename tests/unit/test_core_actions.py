@@ -183,15 +183,33 @@ def test_resolve_refuses_an_id_that_names_two_agents(core_env: CoreEnv) -> None:
     """Attack 12: a deploymentId equal to another agent's agentAppId stopped the wrong one."""
     e = core_env
     deployed(e, "d1")
-    # agent "victim" is deployed with deploymentId "agent-x"; an agent "agent-x" exists too
+    # agent "victim" is deployed with deploymentId "agent-x"; an agent "agent-x" exists too,
+    # recorded before deploys refused the overlap (an old store)
     e.deploy("agent-x", e.package("p-v"), agent="victim")
-    e.deploy("x-1", e.package("p-x"), agent="agent-x")
+    e.store.insert_deployment(Deployment(deployment_id="x-1", agent_app_id="agent-x",
+                                         version="1.0.0", package_url="file:///x.apkg"))
     with pytest.raises(ParError) as err:
         resolve(e.store, "agent-x")
     assert err.value.code == "ambiguous_id" and err.value.status == 409
     assert "victim" in err.value.message and "agent-x" in err.value.message
     assert resolve(e.store, "x-1").agent_app_id == "agent-x"
     assert resolve(e.store, "victim").deployment_id == "agent-x"
+
+
+@pytest.mark.parametrize(("did", "agent", "field"), [
+    ("victim", "agent-x", "deploymentId"),  # a deploymentId that is another agent's name
+    ("x-2", "d1", "agentAppId"),  # an agentAppId that is another agent's deploymentId
+])
+def test_deploys_that_would_name_two_agents_are_refused(
+        core_env: CoreEnv, did: str, agent: str, field: str) -> None:
+    e = core_env
+    assert e.deploy("d1", e.package("p"), agent="victim").status == "healthy"
+    with pytest.raises(ParError) as err:
+        e.submit(did, e.package("p-x"), agent)
+    assert (err.value.code, err.value.status, err.value.field) == ("ambiguous_id", 409, field)
+    assert [d.deployment_id for d in e.store.deployments()] == ["d1"]
+    # an agent's deploymentId may be its own agentAppId
+    assert e.deploy("victim", e.package("p-v"), agent="victim").status == "healthy"
 
 
 def test_env_set_replaces_the_deployment_with_the_same_package_and_venv(

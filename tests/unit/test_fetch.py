@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -15,10 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 
 from par import layout
 from par.errors import ParError
 from par.fetch import fetch_package, forget_sources, redact_url
+from par.fetch_guard import AddressGuard, next_hop
 from par.log import JsonFormatter
 from tests.unit.apkg_factory import make_cfg, tree
 
@@ -34,10 +37,11 @@ FAST = 0.01  # retry backoff in tests
 class Server:
     """Answers by path; counts requests per path."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.hits: Counter[str] = Counter()
         self.body = BODY
         self.conditional: list[str | None] = []  # If-None-Match of each /tagged request
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,12 +53,18 @@ class Server:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?")[0]
                 outer.hits[path] += 1
+                if path in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 getattr(outer, "route_" + path.strip("/").replace("-", "_"),
                         outer.route_missing)(self, outer.hits[path])
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -404,3 +414,93 @@ def test_forget_sources(tmp_path: Path, server: Server) -> None:
     assert tree(layout.packages(cfg)) == [".sources", BODY_FILE]
     fetch(cfg, server.url + "/tagged")  # nothing remembered: no conditional request
     assert server.conditional == [None, None]
+
+
+# ---------------------------------------------------------------- where a download may go
+
+def denying(cfg, *networks: str):
+    """`cfg` whose agents (and so package downloads) may not reach `networks`."""
+    return dataclasses.replace(cfg, agents=dataclasses.replace(cfg.agents,
+                                                               ip_address_deny=list(networks)))
+
+
+@pytest.fixture()
+def other_server() -> Iterator[Server]:
+    """A server on 127.0.0.2: another address of this host, denied in these tests."""
+    srv = Server("127.0.0.2")
+    yield srv
+    srv.close()
+
+
+def test_redirects_are_followed(tmp_path: Path, server: Server) -> None:
+    server.redirects = {"/a": "/b", "/b": server.url + "/ok"}
+    got = fetch(make_cfg(tmp_path), server.url + "/a")
+    assert got.path.read_bytes() == BODY
+    assert (server.hits["/a"], server.hits["/b"], server.hits["/ok"]) == (1, 1, 1)
+
+
+def test_redirect_loops_end(tmp_path: Path, server: Server) -> None:
+    server.redirects = {"/loop": "/loop"}
+    err = refused(make_cfg(tmp_path), server.url + "/loop", "package_download_failed")
+    assert "more than 5 redirects" in err.message
+    assert server.hits["/loop"] == 6
+
+
+def test_a_redirect_to_a_file_url_is_not_followed(tmp_path: Path, server: Server) -> None:
+    server.redirects = {"/x": "file:///etc/passwd"}
+    err = refused(make_cfg(tmp_path), server.url + "/x", "package_download_failed")
+    assert "only http(s) is followed" in err.message
+
+
+def test_a_denied_address_is_refused_before_any_connection(
+        tmp_path: Path, other_server: Server) -> None:
+    cfg = denying(make_cfg(tmp_path), "127.0.0.2/32")
+    listening = refused(cfg, other_server.url + "/ok", "package_url_forbidden")
+    # The same answer whether or not anything listens there: no oracle.
+    port = other_server.httpd.server_address[1]
+    other_server.close()
+    silent = refused(cfg, f"http://127.0.0.2:{port}/ok", "package_url_forbidden")
+    assert listening.message == silent.message
+    assert listening.status == 403 and "agents.ip_address_deny" in listening.message
+    assert other_server.hits["/ok"] == 0
+
+
+def test_a_redirect_to_a_denied_address_is_refused(
+        tmp_path: Path, server: Server, other_server: Server) -> None:
+    server.redirects = {"/go": other_server.url + "/ok"}
+    cfg = denying(make_cfg(tmp_path), "127.0.0.2/32")
+    refused(cfg, server.url + "/go", "package_url_forbidden")
+    assert server.hits["/go"] == 1 and other_server.hits["/ok"] == 0
+
+
+def test_a_name_is_checked_by_what_it_resolves_to(tmp_path: Path, server: Server) -> None:
+    port = server.httpd.server_address[1]
+    cfg = denying(make_cfg(tmp_path), "127.0.0.0/8", "::1/128")
+    err = refused(cfg, f"http://localhost:{port}/ok", "package_url_forbidden")
+    assert "localhost is" in err.message
+    assert server.hits["/ok"] == 0
+
+
+def test_the_default_denies_the_metadata_service(tmp_path: Path) -> None:
+    err = refused(make_cfg(tmp_path), "http://169.254.169.254/latest/meta-data/",
+                  "package_url_forbidden")
+    assert "169.254.169.254" in err.message
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "::ffff:169.254.169.254",
+                                     "fd00:ec2::254", "fe80::1%eth0"])
+def test_guard_denies(address: str) -> None:
+    guard = AddressGuard.from_config(["169.254.169.254/32", "fd00:ec2::254/128", "fe80::/10"])
+    assert guard.denies(address)
+    assert not guard.denies("127.0.0.1") and not guard.denies("::1")
+
+
+def test_https_to_http_redirect_is_not_followed() -> None:
+    resp = requests.Response()
+    resp.status_code = 302
+    resp.headers["Location"] = "http://example.org/p.apkg"
+    with pytest.raises(ParError, match="from https to plain http"):
+        next_hop("https://example.org/start", resp, 0)
+    assert next_hop("http://example.org/start", resp, 0) == "http://example.org/p.apkg"
+    resp.status_code = 200
+    assert next_hop("http://example.org/start", resp, 0) is None
