@@ -163,7 +163,8 @@ class Agents:
         5000, "Lines an agent may log per window; journald drops the rest and says how many.")
     ip_address_deny: list[str] = setting(
         factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
-        doc="Addresses agents may not reach (IPAddressDeny=); default: cloud metadata services.")
+        doc="Addresses agents may not reach (IPAddressDeny=), nor pard's package downloads; "
+            "default: cloud metadata services.")
 
 
 @dataclass(frozen=True)
