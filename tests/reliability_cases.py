@@ -43,6 +43,7 @@ TABLE_MODULES = (
     "tests.integration.test_reliability_load",
     "tests.integration.test_reliability_security",
     "tests.integration.test_bounded_inputs",
+    "tests.integration.test_reliability_front_door",
 )
 # kebab-case; upper case allowed where an id names an API field (missing-deploymentId)
 CASE_ID_RE = re.compile(r"^[a-z0-9][A-Za-z0-9-]*$")

@@ -223,6 +223,11 @@ def test_websocket_upgrade_to_an_agent_without_websocket_is_4xx(pard: Pard,
 # ---------------------------------------------------------------- bad input
 
 
+# ids: the rows of docs/reliability.md's front door table (test_reliability_front_door.py)
+PATH_CASES = ["dotdot", "encoded-dotdot", "encoded-slash", "encoded-backslash", "into-pard",
+              "encoded-name"]
+
+
 @pytest.mark.parametrize("path", [
     f"/agents/{AGENT}/../fd-other/api/ping",
     f"/agents/{AGENT}/%2e%2e/fd-other/api/ping",
@@ -230,7 +235,7 @@ def test_websocket_upgrade_to_an_agent_without_websocket_is_4xx(pard: Pard,
     f"/agents/{AGENT}/api/%5c..%5cping",
     "/agents/..%2Fpar.sock/health",
     "/agents/%66d-echo/api/ping",
-])
+], ids=PATH_CASES)
 def test_paths_that_try_to_leave_their_agent_are_400(pard: Pard, deployed: dict,
                                                      path: str) -> None:
     reply = raw(pard, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())

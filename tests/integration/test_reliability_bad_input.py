@@ -443,6 +443,13 @@ DISK_FULL = Case("disk-full", "a deploy whose venv needs a 24 MiB wheel, with th
                  "(\"No space left on device\"); no half-built venv, the space is free again; "
                  "the resident agent untouched")
 
+PACKAGE_URL_DENIED = Case(
+    "url-denied-address", "`packageUrl` on an address of agents.ip_address_deny (a listener "
+    "there, nothing there, a redirect to it from an allowed server, 169.254.169.254)",
+    "failed `package_url_forbidden` (field `packageUrl`), the same message listening or not; "
+    "no request reaches the address; a redirect between allowed addresses is followed",
+    "tests/integration/test_attacks.py::test_attack_12_package_url_reaches_only_what_agents_may")
+
 TABLE = Table(
     key="bad-input",
     title="Bad input",
@@ -453,7 +460,7 @@ TABLE = Table(
           "with small limits: 40 entries, 3 MiB unpacked, 256 KiB per package, 2 s per download, "
           "5 s per install and 5 s to become ready.",
     module=__name__,
-    cases=tuple(c.case() for c in CASES) + (DISK_FULL,),
+    cases=tuple(c.case() for c in CASES) + (DISK_FULL, PACKAGE_URL_DENIED),
 )
 
 
