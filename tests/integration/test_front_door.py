@@ -467,3 +467,50 @@ def test_api_and_parctl_show_the_front_door_url(pard: Pard, deployed: dict) -> N
     res = subprocess.run([sys.executable, "-m", "par.cli", "status", AGENT], capture_output=True,
                          text=True, timeout=60, env=env)
     assert url in res.stdout, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- WebSocket
+
+WS_API = '''
+from fastapi import WebSocket
+
+
+def mount(app):
+    @app.websocket("/ws/echo")
+    async def echo(ws: WebSocket):
+        await ws.accept()
+        async for text in ws.iter_text():
+            await ws.send_text(ws.scope["path"] + " " + text)
+'''
+
+
+def test_websocket_through_the_front_door_to_a_uvicorn_agent(pard: Pard, deployed: dict) -> None:
+    """A FastAPI agent's WebSocket route (uvicorn with websockets, as real agents run it),
+    reached through the front door: upgrade, messages both ways, prefix stripped."""
+    import asyncio
+
+    import aiohttp
+
+    agent = "fd-ws"
+    d = pard.deploy(agent, apkg_with(pard.root / "apkg", {
+        "agent.yaml": f"name: {agent}\nversion: 1.0.0\nentrypoint: main:handler\n"
+                      "rest:\n  entry: api:mount\n",
+        "requirements.txt": "fastapi\nuvicorn\nwebsockets\n",
+        "src/main.py": "def handler(context):\n    return {'ok': True}\n",
+        "src/api.py": WS_API}))
+    assert d["status"] == "healthy", d
+
+    async def talk() -> list[str]:
+        replies = []
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"{pard.front_url}/agents/{agent}/ws/echo") as ws:
+            for i in range(3):
+                await ws.send_str(f"m{i}")
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                replies.append(msg.data)
+        return replies
+
+    assert asyncio.run(talk()) == ["/ws/echo m0", "/ws/echo m1", "/ws/echo m2"]
+    assert get_json(pard, f"/agents/{AGENT}/api/ping")[0] == 200  # the other agent untouched
+    pard.client().delete(d["deploymentId"], purge=True)
