@@ -55,6 +55,10 @@ ATTACKER_MAIN = textwrap.dedent('''
                 s.connect((ctx["host"], int(ctx["port"])))
                 s.close()
                 return {"ok": True}
+            if op == "get":
+                import urllib.request
+                with urllib.request.urlopen(ctx["url"], timeout=float(ctx.get("timeout", 5))) as r:
+                    return {"ok": True, "status": r.status, "body": r.read().decode()}
             if op == "write":
                 with open(ctx["path"], "w") as fh:
                     fh.write(ctx.get("data", "x"))
@@ -154,8 +158,11 @@ def test_attack_8_isolated_agents_reach_each_other_only_through_the_front_door()
     assert sh("systemctl", "is-active", "par.service", check=False).stdout.strip() \
         != "active", "another pard runs: keep this test above those using `pard`"
     allowed = "127.0.0.79"
+    # the front door listens on its source address: agents may call each other through it
+    front = f"127.0.0.2:{free_port()}"
     with running_pard("atkiso", {"agents": {"isolate_loopback": True,
-                                            "loopback_allow": [f"{allowed}/32"]}}) as p:
+                                            "loopback_allow": [f"{allowed}/32"]},
+                                 "front": {"listen": front}}) as p:
         a, b = deployed(p, "atk-iso-a"), deployed(p, "atk-iso-b")  # READY: the probes pass
         addr_a, addr_b = (loopback.agent_address(d["ports"]["rest"]) for d in (a, b))
         port_b = b["ports"]["rest"]
@@ -179,6 +186,9 @@ def test_attack_8_isolated_agents_reach_each_other_only_through_the_front_door()
             res = invoke(front_a, op="connect", host=addr_b, port=port_b, source=source)
             assert not res["ok"], (source, res)
             assert "timed out" in res["error"], res  # dropped by A's unit, not refused
+        # ... except through the front door
+        res = invoke(front_a, op="get", url=f"http://{front}/agents/atk-iso-b/health")
+        assert res["ok"] and res["status"] == 200, res
         # nor pard's TCP API, nor anything else on 127.0.0.1; an allowed address it can
         tcp_port = int(p.tcp_url.rpartition(":")[2])
         shared, extra = _Listener("127.0.0.1"), _Listener(allowed)
