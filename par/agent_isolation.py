@@ -5,7 +5,9 @@
   bind another agent's port while that one restarts.  systemd enforces these with a
   BPF program only when it is built with `+BPF_FRAMEWORK` (Debian 12's 252 is not;
   see docs/security.md), so `bind_filter_enforced` says whether they bite here.
-- `IPAddressDeny=` the addresses of `agents.ip_address_deny` (cloud metadata services).
+- `IPAddressDeny=` the addresses of `agents.ip_address_deny` (cloud metadata services);
+  with `agents.isolate_loopback`, also 127.0.0.0/8 and ::1, and `IPAddressAllow=` the
+  agent's own loopback address and the few others `par.loopback` names.
 - A private `/dev/shm` (size-bounded tmpfs) and an empty read-only `/run/lock`
   (`PrivateIPC=yes` is set with the rest of the sandbox in par.units).
 - Default `MemoryMax=`, `CPUQuota=` and `TasksMax=` when the deploy gives none.
@@ -18,6 +20,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
+from par import loopback
 from par.config import Config
 
 IPPROTO_TCP = 6
@@ -54,7 +57,8 @@ def socket_bind_allow(ports: dict[str, int]) -> list[tuple[int, int, int, int]]:
 
 
 def ip_address_deny(networks: list[str]) -> list[tuple[int, bytes, int]]:
-    """`IPAddressDeny=` entries (family, address bytes, prefix length) for `networks`."""
+    """`IPAddressDeny=` (or `IPAddressAllow=`) entries (family, address bytes, prefix
+    length) for `networks`."""
     out = []
     for text in networks:
         net = ipaddress.ip_network(text, strict=False)
@@ -69,14 +73,22 @@ def private_tmpfs(cfg: Config) -> tuple[tuple[str, str], ...]:
     return (("/dev/shm", shm), ("/run/lock", "ro"))
 
 
-def network_properties(cfg: Config, ports: dict[str, int]) -> dict[str, object]:
-    """The unit properties that restrict what the agent may bind and reach."""
+def network_properties(cfg: Config, ports: dict[str, int],
+                       resolvers: list[str] | None = None) -> dict[str, object]:
+    """The unit properties that restrict what the agent may bind and reach; `resolvers`:
+    the loopback nameservers an isolated agent may still reach (par.loopback)."""
     props: dict[str, object] = {
         "SocketBindAllow": socket_bind_allow(ports),
         "SocketBindDeny": [BIND_ANY],
     }
-    if cfg.agents.ip_address_deny:
-        props["IPAddressDeny"] = ip_address_deny(cfg.agents.ip_address_deny)
+    deny = list(cfg.agents.ip_address_deny)
+    if cfg.agents.isolate_loopback:
+        deny += [net for net in loopback.LOOPBACK_NETWORKS if net not in deny]
+        # checked first by systemd: an allowed address passes whatever the deny list says
+        props["IPAddressAllow"] = ip_address_deny(
+            loopback.allowed_networks(cfg, ports, resolvers or []))
+    if deny:
+        props["IPAddressDeny"] = ip_address_deny(deny)
     return props
 
 

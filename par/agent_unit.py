@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import agent_isolation, layout
+from par import agent_isolation, layout, loopback
 from par.agent_host.par_agent_host import exitcodes
 from par.agent_state import state_directory
 from par.config import Config
@@ -158,7 +158,8 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
         "AGENT_VENV_PATH": str(launch.venv_path),
         "BASE_PATH": f"/agents/{launch.agent_id}",
         "MULTIPLEXED": "false",
-        "PAR_BIND_ADDRESS": cfg.ports.bind_address,
+        # its own loopback address with agents.isolate_loopback (par.loopback)
+        "PAR_BIND_ADDRESS": loopback.bind_address(cfg, launch.ports),
         "PAR_AGENT_SPEC": str(spec_path(launch.package_root)),
         "PYTHONPATH": str(launch.host_dir),
         "PYTHONUNBUFFERED": "1",
@@ -171,8 +172,10 @@ def par_environment(cfg: Config, launch: AgentLaunch) -> dict[str, str]:
     }
 
 
-def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
-    """The transient unit for `launch`, sandboxed per docs/security.md."""
+def unit_spec(cfg: Config, launch: AgentLaunch,
+              resolvers: list[str] | None = None) -> UnitSpec:
+    """The transient unit for `launch`, sandboxed per docs/security.md; `resolvers`: the
+    loopback nameservers an agent keeps with `agents.isolate_loopback` (par.loopback)."""
     stop_timeout = effective_stop_timeout(cfg, launch.stop_timeout_s)
     state = cfg.paths.state_dir
     limits = agent_isolation.limits(cfg, launch.memory_mb, launch.cpu_units)
@@ -207,6 +210,6 @@ def unit_spec(cfg: Config, launch: AgentLaunch) -> UnitSpec:
         read_only_binds=(str(launch.package_root), str(launch.venv_path), str(launch.host_dir),
                          *([str(launch.layer_path)] if launch.layer_path else [])),
         inaccessible_paths=("-/etc/par",),  # "-": fine when it does not exist
-        extra={**agent_isolation.network_properties(cfg, launch.ports),
+        extra={**agent_isolation.network_properties(cfg, launch.ports, resolvers),
                **agent_isolation.journal_properties(cfg)},
     )

@@ -165,6 +165,16 @@ class Agents:
         factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
         doc="Addresses agents may not reach (IPAddressDeny=), nor pard's package downloads; "
             "default: cloud metadata services.")
+    isolate_loopback: bool = setting(
+        False, "Agents reach no other agent, nor pard's TCP API, nor anything else on "
+               "127.0.0.0/8 and ::1, except through the front door: each listens on a "
+               "loopback address of its own (127.A.B.1, A.B its REST port); "
+               "docs/security.md, attack 8.")
+    loopback_allow: list[str] = setting(
+        factory=list,
+        doc="With isolate_loopback: loopback addresses or networks agents may still reach "
+            "(IPAddressAllow=), e.g. a local cache; loopback resolvers in /etc/resolv.conf "
+            "other than 127.0.0.1 and ::1 are allowed without being listed.")
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,11 @@ class Front:
         30.0, "Seconds the front door waits for the next piece of a request body (408).")
     idle_timeout_s: float = setting(
         75.0, "Seconds an idle keep-alive connection stays open.")
+    source_address: str = setting(
+        "127.0.0.2",
+        "With agents.isolate_loopback: the loopback address the front door and pard's "
+        "health check connect to agents from, the one besides their own agents accept "
+        "(in 127.0.0.0/14, not 127.0.0.1).")
 
 
 @dataclass(frozen=True)
@@ -361,6 +376,14 @@ def _check(cfg: Config) -> None:
             key = f"agents.ip_address_deny[{i}]"
             raise ConfigError(f"{key}: expected an address or CIDR network, got {net!r}",
                               key) from None
+    for i, net in enumerate(cfg.agents.loopback_allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            key = f"agents.loopback_allow[{i}]"
+            raise ConfigError(f"{key}: expected an address or CIDR network, got {net!r}",
+                              key) from None
+    _check_loopback(cfg)
     for key, value in {"retention.history_deployments": cfg.retention.history_deployments,
                        "retention.packages_per_agent": cfg.retention.packages_per_agent}.items():
         if value < 0:
@@ -369,6 +392,24 @@ def _check(cfg: Config) -> None:
         host, sep, port = cfg.front.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError("front.listen: expected \"HOST:PORT\" or null", "front.listen")
+
+
+def _check_loopback(cfg: Config) -> None:
+    """front.source_address is a 127.0.0.0/14 address other than 127.0.0.1 (agents' own
+    addresses are 127.4.0.1 and up, par.loopback); isolation keeps ports.bind_address."""
+    key = "front.source_address"
+    try:
+        source = ipaddress.ip_address(cfg.front.source_address)
+    except ValueError:
+        source = None
+    if source is None or source not in ipaddress.ip_network("127.0.0.0/14") \
+            or str(source) == "127.0.0.1":
+        raise ConfigError(f"{key}: expected an address in 127.0.0.0/14 other than 127.0.0.1, "
+                          f"got {cfg.front.source_address!r}", key)
+    if cfg.agents.isolate_loopback and cfg.ports.bind_address != "127.0.0.1":
+        raise ConfigError("agents.isolate_loopback: agents then listen on loopback addresses "
+                          "of their own; leave ports.bind_address at 127.0.0.1 (got "
+                          f"{cfg.ports.bind_address!r})", "agents.isolate_loopback")
 
 
 def from_dict(raw: object) -> Config:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sdnotify
 
-from par import __version__, config, extract, fetch, layout, log, retention
+from par import __version__, config, extract, fetch, layout, log, loopback, retention
 from par.actions import Actions
 from par.agent_locks import AgentLocks
 from par.api import ApiServer
@@ -127,6 +127,8 @@ class Daemon:
             log.event(self.logger, "Cache and venvs on different filesystems", logging.WARNING,
                       cache_dir=str(cfg.paths.cache_dir), venvs=str(layout.venvs(cfg)),
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
+        if cfg.agents.isolate_loopback:
+            self.log_loopback_resolvers()
         core = Core(cfg=cfg, store=store, systemd=Systemd(), venvs=VenvManager(cfg, self.logger),
                     logger=self.logger, host_dir=install_host(cfg))
         if core.venvs.start_uv_bootstrap():  # kind auto, no uv: fetched in the background
@@ -150,6 +152,19 @@ class Daemon:
         log.event(self.logger, "pard ready", version=__version__, socket=str(cfg.listen.socket),
                   tcp=cfg.listen.tcp, adopted=len(report.adopted), restarted=len(report.restarted))
         self.notifier.notify(f"READY=1\nSTATUS={self.status_line()}")
+
+    def log_loopback_resolvers(self) -> None:
+        """Say which loopback resolvers isolated agents keep, and warn about those they lose
+        (a resolver on 127.0.0.1 cannot be allowed without opening everything there)."""
+        allowed, refused = loopback.read_resolvers()
+        if refused:
+            log.event(self.logger, "Agents cannot reach these resolvers", logging.WARNING,
+                      resolvers=refused, file=str(loopback.RESOLV_CONF),
+                      hint="with agents.isolate_loopback, a resolver on 127.0.0.1 or ::1 is "
+                           "denied to agents; serve DNS on another address (127.0.0.53) or "
+                           "list it in agents.loopback_allow (docs/security.md, attack 8)")
+        elif allowed:
+            log.event(self.logger, "Agents keep their loopback resolvers", resolvers=allowed)
 
     def start_front(self, systemd: Systemd) -> None:
         """The front door's units; pard serves (and agents answer on their ports) without

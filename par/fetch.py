@@ -282,7 +282,7 @@ def _attempt(url: str, out: BinaryIO, cfg: Config, deadline: float,
     """One GET (and its redirects) into `out`; return (bytes, sha256, the answer's
     validators); raise _NotModified (304 to `conditional`), _Retry or ParError."""
     limits = cfg.limits
-    guard = AddressGuard.from_config(cfg.agents.ip_address_deny)
+    guard = AddressGuard.for_config(cfg)
     with guard.session() as session, _follow(guard, session, url, cfg, deadline,
                                              conditional) as resp:
         if resp.status_code == 304 and conditional:

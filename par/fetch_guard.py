@@ -2,7 +2,8 @@
 
 pard downloads packages as root, outside every agent's sandbox, so a URL given
 to the API must not reach what an agent may not reach: the networks of
-`agents.ip_address_deny` (cloud metadata services by default).  Without this a
+`agents.ip_address_deny` (cloud metadata services by default) and, with
+`agents.isolate_loopback`, loopback but `agents.loopback_allow`.  Without this a
 token holder could make pard fetch instance credentials, and read from the
 deploy's error whether an address answers (an oracle).
 
@@ -35,7 +36,9 @@ import requests.utils
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from par.config import Config
 from par.errors import ParError
+from par.loopback import LOOPBACK_NETWORKS
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -46,21 +49,39 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class AddressGuard:
-    """The networks a package download may not connect to."""
+    """The networks a package download may not connect to (`allowed` wins, as
+    IPAddressAllow= does over IPAddressDeny=)."""
 
     denied: tuple[Network, ...]
+    allowed: tuple[Network, ...] = ()
 
     @classmethod
-    def from_config(cls, networks: Iterable[str]) -> AddressGuard:
-        """A guard denying `networks` (CIDR strings, as in `agents.ip_address_deny`)."""
-        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in networks))
+    def from_networks(cls, denied: Iterable[str], allowed: Iterable[str] = ()) -> AddressGuard:
+        """A guard denying `denied` but `allowed` (CIDR strings)."""
+        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in denied),
+                   tuple(ipaddress.ip_network(n, strict=False) for n in allowed))
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> AddressGuard:
+        """What agents may not reach: `agents.ip_address_deny`, and with
+        `agents.isolate_loopback` all of loopback but `agents.loopback_allow`."""
+        denied = list(cfg.agents.ip_address_deny)
+        allowed: list[str] = []
+        if cfg.agents.isolate_loopback:
+            denied += LOOPBACK_NETWORKS
+            allowed = list(cfg.agents.loopback_allow)
+        return cls.from_networks(denied, allowed)
 
     def denies(self, address: str) -> bool:
         """True if `address` (an IP literal, maybe with a %scope) is in a denied network."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-        return any(ip.version == net.version and ip in net for net in self.denied)
+
+        def within(nets: tuple[Network, ...]) -> bool:
+            return any(ip.version == net.version and ip in net for net in nets)
+
+        return within(self.denied) and not within(self.allowed)
 
     def resolve(self, host: str, port: int) -> list[str]:
         """The addresses `host` resolves to, all of them permitted; else ParError."""
@@ -75,7 +96,8 @@ class AddressGuard:
                 raise ParError(
                     "package_url_forbidden",
                     f"packageUrl: {host} is {address}, an address agents may not reach "
-                    "(agents.ip_address_deny); pard does not download from it", _FIELD, 403)
+                    "(agents.ip_address_deny, agents.isolate_loopback); pard does not "
+                    "download from it", _FIELD, 403)
         return addresses
 
     def session(self) -> requests.Session:

@@ -115,6 +115,9 @@ def service_spec(cfg: Config) -> UnitSpec:
             "--header-timeout-s", f"{f.header_timeout_s:g}",
             "--body-timeout-s", f"{f.body_timeout_s:g}",
             "--idle-timeout-s", f"{f.idle_timeout_s:g}"]
+    if cfg.agents.isolate_loopback:
+        # in argv, hence in the units' fingerprint: turning it on or off re-creates them
+        argv += ["--isolate-loopback", "--source-address", f.source_address]
     # the folder `par` is imported from: dist-packages on a host, where the unit sees it;
     # a source tree (tests) may sit where the sandbox hides it (/tmp, /root): bound in
     # below the hidden state_dir, which the user can reach

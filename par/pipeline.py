@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import agent_env, agent_state, layout
+from par import agent_env, agent_state, layout, loopback
 from par import ports as portalloc
 from par.agent_unit import (
     AgentLaunch,
@@ -194,7 +194,9 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
     with the reason, leaving no unit behind.
 
     `current`: the unit's status if the caller just read it."""
-    spec = unit_spec(core.cfg, launch)
+    # read at each start: the resolvers an isolated agent keeps follow /etc/resolv.conf
+    resolvers = loopback.read_resolvers()[0] if core.cfg.agents.isolate_loopback else []
+    spec = unit_spec(core.cfg, launch, resolvers)
     current_org = getattr(core.store.current(launch.agent_id), "org_id", launch.org_id)
     if current_org == launch.org_id:  # a pre-0.x state folder is that org's, no other's
         agent_state.migrate_legacy(launch.agent_id, launch.org_id)

@@ -8,6 +8,8 @@
 - A deploy that was in flight when the daemon died is failed cleanly
   ("interrupted"), unless its unit is up and it had reached `starting` with
   this deployment's id, in which case it is finished (made current).
+- One whose unit listens on another address than the configuration now gives it
+  (`agents.isolate_loopback` was turned on or off) is restarted on its new address.
 - `par-agent@*` units the store knows nothing about are reported, never killed.
 """
 
@@ -16,8 +18,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from par import pipeline
+from par import loopback, pipeline
 from par.agent_locks import AgentLocks
+from par.deployment import Deployment
 from par.errors import ParError
 from par.log import event
 from par.pipeline import Core
@@ -74,12 +77,19 @@ def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
             continue
         name = unit_name(d.agent_app_id)
         st = systemd.status(name)
-        if st.active_state in ("active", "activating", "reloading"):
+        if st.active_state in ("active", "activating", "reloading") \
+                and not _listens_elsewhere(core, d, st.name):
             report.adopted.append(d.agent_app_id)
             event(logger, "Adopted running agent", agentAppId=d.agent_app_id,
                   deploymentId=d.deployment_id, pid=st.main_pid)
             continue
         try:
+            if st.active_state in ("active", "activating", "reloading"):
+                # agents.isolate_loopback turned on or off: it must move to its address
+                event(logger, "Restarting agent for loopback isolation",
+                      agentAppId=d.agent_app_id, deploymentId=d.deployment_id)
+                with locks.of(d.agent_app_id):
+                    st = pipeline.stop_deployment(core, d, current=st)
             if st.exists:
                 systemd.reset_failed(name)
             with locks.of(d.agent_app_id):
@@ -108,8 +118,20 @@ def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
     return report
 
 
+def _listens_elsewhere(core: Core, d: Deployment, unit: str) -> bool:
+    """Whether the unit listens on another address than the configuration gives the agent
+    now (`agents.isolate_loopback` changed since it started; par.loopback)."""
+    found = _unit_env(core.systemd, unit, "PAR_BIND_ADDRESS")
+    return found is not None and found != loopback.bind_address(core.cfg, d.ports)
+
+
 def _unit_deployment(systemd: Systemd, unit: str) -> str | None:
     """The DEPLOYMENT_ID in a unit's environment (which deployment it runs)."""
+    return _unit_env(systemd, unit, "DEPLOYMENT_ID")
+
+
+def _unit_env(systemd: Systemd, unit: str, key: str) -> str | None:
+    """The value of `key` in a unit's `Environment=` (None when it has none)."""
     try:
         env = systemd.property(unit, "Service", "Environment")
     except Exception:
@@ -118,6 +140,6 @@ def _unit_deployment(systemd: Systemd, unit: str) -> str | None:
         return None
     for item in env:
         text = item.decode() if isinstance(item, bytes) else str(item)
-        if text.startswith("DEPLOYMENT_ID="):
+        if text.startswith(f"{key}="):
             return text.split("=", 1)[1]
     return None

@@ -4,14 +4,13 @@ dicts (docs/api.md)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 
-from par import __version__
+from par import __version__, loopback
 from par.actions import Actions, resolve
 from par.deploy_request import DeployRequest
 from par.deployer import Deployer
@@ -71,7 +70,10 @@ class ParService:
         healthy = False
         message = d.error_message or status
         if st is not None and status == "healthy" and d.ports.get("rest"):
-            code, body = _get_json(self.cfg.ports.bind_address, d.ports["rest"], "/health")
+            # from the front door's source address with agents.isolate_loopback: the one
+            # address besides its own the agent's unit accepts (par.loopback)
+            code, body = _get_json(loopback.connect_host(self.cfg, d.ports), d.ports["rest"],
+                                   "/health", source=loopback.source_address(self.cfg))
             healthy = code == 200 and bool(body.get("ok"))
             surfaces = body.get("surfaces", {}) if isinstance(body, dict) else {}
             message = "healthy" if healthy else f"agent /health answered {code}"
@@ -226,15 +228,22 @@ def live_status(d: Deployment, st: UnitStatus | None) -> str:
     return "failed"
 
 
-def _get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, dict]:
-    """GET http://host:port/path; (status, parsed JSON or {}) — 0 when unreachable."""
+def _get_json(host: str, port: int, path: str, timeout: float = 2.0,
+              source: str | None = None) -> tuple[int, dict]:
+    """GET http://host:port/path, from the address `source` when given; (status, parsed
+    JSON or {}) — 0 when unreachable."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        data = resp.read()
         try:
-            return exc.code, json.loads(exc.read() or b"{}")
+            body = json.loads(data or b"{}")
         except ValueError:
-            return exc.code, {}
-    except (OSError, ValueError):
+            body = {}
+        return resp.status, body if isinstance(body, dict) else {}
+    except (OSError, http.client.HTTPException):
         return 0, {}
+    finally:
+        conn.close()

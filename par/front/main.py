@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--routes", type=Path, required=True, help="routes file pard publishes")
     p.add_argument("--listen", help="HOST:PORT to bind when systemd passes no socket")
     p.add_argument("--upstream-host", default="127.0.0.1", help="where agents listen")
+    p.add_argument("--isolate-loopback", action="store_true",
+                   help="agents listen on addresses of their own (agents.isolate_loopback)")
+    p.add_argument("--source-address",
+                   help="loopback address to connect to agents from (front.source_address)")
     p.add_argument("--hold-s", type=float, default=30.0)
     p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--max-connections", type=int, default=1024)
@@ -72,15 +76,20 @@ def own_socket(listen: str) -> socket.socket:
     return sock
 
 
-def agent_sessions(timeout: ClientTimeout) -> tuple[ClientSession, ClientSession]:
+def agent_sessions(timeout: ClientTimeout,
+                   source: str | None = None) -> tuple[ClientSession, ClientSession]:
     """The client sessions to agents: a keep-alive pool, and one opening a new connection
     per request.  No cookie jar: cookies an agent sets belong to the caller, never to the
-    front door (a shared jar would hand one caller's cookies to the next)."""
-    session = ClientSession(connector=TCPConnector(limit=0, limit_per_host=POOL_PER_HOST),
+    front door (a shared jar would hand one caller's cookies to the next).  `source`: the
+    address every connection is bound to before it connects (isolated agents accept only
+    it, par.loopback)."""
+    local = (source, 0) if source else None
+    session = ClientSession(connector=TCPConnector(limit=0, limit_per_host=POOL_PER_HOST,
+                                                   local_addr=local),
                             timeout=timeout, auto_decompress=False,
                             cookie_jar=DummyCookieJar())
-    fresh = ClientSession(connector=TCPConnector(limit=0, force_close=True), timeout=timeout,
-                          auto_decompress=False, cookie_jar=DummyCookieJar())
+    fresh = ClientSession(connector=TCPConnector(limit=0, force_close=True, local_addr=local),
+                          timeout=timeout, auto_decompress=False, cookie_jar=DummyCookieJar())
     return session, fresh
 
 
@@ -91,10 +100,11 @@ async def serve(args: argparse.Namespace, sock: socket.socket, logger: logging.L
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     settings = Settings(hold_s=args.hold_s, max_body_bytes=args.max_body_bytes,
-                        body_timeout_s=args.body_timeout_s, upstream_host=args.upstream_host)
+                        body_timeout_s=args.body_timeout_s, upstream_host=args.upstream_host,
+                        isolate_loopback=args.isolate_loopback)
     # no total timeout: answers may stream for as long as the agent writes
     timeout = ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
-    session, fresh = agent_sessions(timeout)
+    session, fresh = agent_sessions(timeout, args.source_address)
     server: GuardedServer | None = None
     listener: asyncio.base_events.Server | None = None
     try:

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from par.front.routes import Resolution, RoutesFile
+from par.loopback import agent_address
 
 PREFIX = "/agents/"
 # agentAppId or deploymentId (par.ids: a deploymentId pattern covers both)
@@ -59,6 +60,9 @@ class Settings:
     body_timeout_s: float = 30.0
     upstream_host: str = "127.0.0.1"
     connect_timeout_s: float = 2.0
+    # agents.isolate_loopback: each agent listens on its own address (par.loopback),
+    # derived from its REST port; the sessions connect from front.source_address
+    isolate_loopback: bool = False
 
 
 class ProxyError(Exception):
@@ -213,8 +217,12 @@ class Proxy:
         await asyncio.sleep(delay)
         return min(delay * 2, MAX_BACKOFF_S)
 
-    def url(self, port: int, target: Target) -> URL:
-        return URL.build(scheme="http", host=self.settings.upstream_host, port=port,
+    def url(self, res: Resolution, port: int, target: Target) -> URL:
+        """Where `target` goes on the agent `res` routes to (`port`: the surface's)."""
+        host = self.settings.upstream_host
+        if self.settings.isolate_loopback and res.ports and "rest" in res.ports:
+            host = agent_address(res.ports["rest"])
+        return URL.build(scheme="http", host=host, port=port,
                          path=target.path, query_string=target.query, encoded=True)
 
     async def _forward(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:
@@ -231,7 +239,7 @@ class Proxy:
                 upstream: ClientResponse | None = None
                 try:
                     upstream = await session.request(
-                        request.method, self.url(port, target), headers=headers, data=data,
+                        request.method, self.url(res, port, target), headers=headers, data=data,
                         allow_redirects=False, skip_auto_headers=("Accept-Encoding",
                                                                   "User-Agent", "Accept"))
                     length = upstream.content_length

@@ -57,7 +57,7 @@ async def _connect(proxy: Proxy, target: Target, headers: dict[str, str],
         res, port = await proxy.resolve_port(target)
         if port is not None:
             try:
-                return await proxy.fresh.ws_connect(proxy.url(port, target), headers=headers,
+                return await proxy.fresh.ws_connect(proxy.url(res, port, target), headers=headers,
                                                     protocols=protocols, autoping=True)
             except WSServerHandshakeError as exc:
                 # a plain answer (uvicorn without a WebSocket library answers 200): 400

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from par import agent_isolation
+from par import agent_isolation, loopback
 from par.client import ApiError
 from tests.integration.pard import (
     TEST_TOKEN,
@@ -52,9 +52,15 @@ ATTACKER_MAIN = textwrap.dedent('''
             if op == "connect":
                 s = socket.socket(socket.AF_INET6 if ":" in ctx["host"] else socket.AF_INET)
                 s.settimeout(float(ctx.get("timeout", 2)))
+                if ctx.get("source"):  # a spoofed source address
+                    s.bind((ctx["source"], 0))
                 s.connect((ctx["host"], int(ctx["port"])))
                 s.close()
                 return {"ok": True}
+            if op == "get":
+                import urllib.request
+                with urllib.request.urlopen(ctx["url"], timeout=float(ctx.get("timeout", 5))) as r:
+                    return {"ok": True, "status": r.status, "body": r.read().decode()}
             if op == "write":
                 with open(ctx["path"], "w") as fh:
                     fh.write(ctx.get("data", "x"))
@@ -78,8 +84,10 @@ def attacker(name: str) -> dict[str, str]:
     return {"agent.yaml": agents.manifest(name), "src/main.py": ATTACKER_MAIN}
 
 
-def invoke(agent_port: int, /, **body: object) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{agent_port}/invoke",
+def invoke(agent_port: int | str, /, **body: object) -> dict:
+    """POST /invoke to the agent on 127.0.0.1:`agent_port`, or at the URL `agent_port`."""
+    url = agent_port if isinstance(agent_port, str) else f"http://127.0.0.1:{agent_port}"
+    req = urllib.request.Request(f"{url}/invoke",
                                  data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=15) as r:
@@ -138,6 +146,76 @@ def test_attack_11_world_readable_token_is_refused() -> None:
         assert p.client().daemon_health()
     finally:
         p.teardown()
+
+
+# ---------------------------------------------------------------- 8, agents.isolate_loopback
+# Before any test of the module's `pard` fixture: one par.service runs at a time.
+
+
+def test_attack_8_isolated_agents_reach_each_other_only_through_the_front_door() -> None:
+    """Any agent called every other agent's REST API on 127.0.0.1.  With
+    agents.isolate_loopback each listens on an address of its own, its unit denies
+    127.0.0.0/8 and ::1 but that address and the front door's source address; the front
+    door and pard's health check connect from that source (par.loopback)."""
+    assert sh("systemctl", "is-active", "par.service", check=False).stdout.strip() \
+        != "active", "another pard runs: keep this test above those using `pard`"
+    allowed = "127.0.0.79"
+    # the front door listens on its source address: agents may call each other through it
+    front = f"127.0.0.2:{free_port()}"
+    with running_pard("atkiso", {"agents": {"isolate_loopback": True,
+                                            "loopback_allow": [f"{allowed}/32"]},
+                                 "front": {"listen": front}}) as p:
+        a, b = deployed(p, "atk-iso-a"), deployed(p, "atk-iso-b")  # READY: the probes pass
+        addr_a, addr_b = (loopback.agent_address(d["ports"]["rest"]) for d in (a, b))
+        port_b = b["ports"]["rest"]
+        props = show("par-agent@atk-iso-a.service", "IPAddressDeny", "IPAddressAllow",
+                     "Environment")
+        for net in ("127.0.0.0/8", "::1/128", "169.254.169.254/32"):
+            assert net in props["IPAddressDeny"], props
+        for net in (f"{addr_a}/32", "127.0.0.2/32", f"{allowed}/32"):
+            assert net in props["IPAddressAllow"], props
+        assert f"PAR_BIND_ADDRESS={addr_a}" in props["Environment"], props
+        # both answer through the front door, and pard's health check reaches them
+        front_a, front_b = (f"{p.front_url}/agents/{d['agentAppId']}" for d in (a, b))
+        assert invoke(front_a, op="env", name="PAR_BIND_ADDRESS")["value"] == addr_a
+        assert invoke(front_b, op="env", name="PAR_BIND_ADDRESS")["value"] == addr_b
+        for d in (a, b):
+            health = p.client().health(d["deploymentId"])
+            assert health["healthy"] is True, health
+        # A cannot reach B: not on B's address, not spoofing the front door's source
+        # address or B's own, not on 127.0.0.1 (nothing of B's there anyway)
+        for source in (None, "127.0.0.2", addr_b):
+            res = invoke(front_a, op="connect", host=addr_b, port=port_b, source=source)
+            assert not res["ok"], (source, res)
+            assert "timed out" in res["error"], res  # dropped by A's unit, not refused
+        # ... except through the front door
+        res = invoke(front_a, op="get", url=f"http://{front}/agents/atk-iso-b/health")
+        assert res["ok"] and res["status"] == 200, res
+        # nor pard's TCP API, nor anything else on 127.0.0.1; an allowed address it can
+        tcp_port = int(p.tcp_url.rpartition(":")[2])
+        shared, extra = _Listener("127.0.0.1"), _Listener(allowed)
+        try:
+            assert not invoke(front_a, op="connect", host="127.0.0.1", port=tcp_port)["ok"]
+            assert not invoke(front_a, op="connect", host="127.0.0.1", port=shared.port)["ok"]
+            assert invoke(front_a, op="connect", host=allowed, port=extra.port)["ok"]
+        finally:
+            shared.close()
+            extra.close()
+        # a host process reaches an agent only from the front door's source address
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect((addr_b, port_b))
+        with socket.socket() as s:
+            s.settimeout(2)
+            s.bind(("127.0.0.2", 0))
+            s.connect((addr_b, port_b))
+        # the hole docs/security.md names: what listens on the front door's source address
+        # (or on 0.0.0.0) is reachable there by agents
+        hole = _Listener("127.0.0.2")
+        try:
+            assert invoke(front_a, op="connect", host="127.0.0.2", port=hole.port)["ok"]
+        finally:
+            hole.close()
 
 
 # ---------------------------------------------------------------- 6
@@ -205,6 +283,11 @@ def test_attack_8_metadata_ipc_and_shm_are_closed(pard: Pard) -> None:
     assert props["PrivateIPC"] == "yes"
     assert "/dev/shm:" in props["TemporaryFileSystem"], props
     assert "/run/lock:ro" in props["TemporaryFileSystem"], props
+    # without agents.isolate_loopback (the default) agents share 127.0.0.1 and reach
+    # each other there, as before (the test above closes it)
+    assert "PAR_BIND_ADDRESS=127.0.0.1" in show(unit, "Environment")["Environment"]
+    assert show(unit, "IPAddressAllow")["IPAddressAllow"] == ""
+    assert invoke(pa, op="connect", host="127.0.0.1", port=pb)["ok"]
     # a denied address is unreachable, an allowed one next to it is not
     denied, allowed = _Listener(DENIED_TEST_ADDRESS), _Listener("127.0.0.78")
     try:

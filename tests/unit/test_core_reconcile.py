@@ -7,7 +7,9 @@ pipeline's own steps, in the order and with the store writes the Deployer does.
 
 from __future__ import annotations
 
-from par import pipeline
+import dataclasses
+
+from par import loopback, pipeline
 from par.agent_unit import AgentLaunch, unit_spec
 from par.store import Deployment
 from tests.unit.core_env import CoreEnv
@@ -236,3 +238,25 @@ def test_interrupted_stop_is_recorded_stopped(core_env: CoreEnv) -> None:
     d = e.store.get("d1")
     assert (d.status, d.desired_state, d.current) == ("stopped", "stopped", True)
     assert e.fake.ops() == []
+
+
+def test_agent_moves_to_its_own_address_when_isolation_is_turned_on(
+        core_env: CoreEnv) -> None:
+    e = core_env
+    d = deployed(e)
+    unit = e.fake.unit(AGENT)
+    assert unit is not None and unit.spec.environment["PAR_BIND_ADDRESS"] == "127.0.0.1"
+    isolated = dataclasses.replace(e.cfg, agents=dataclasses.replace(
+        e.cfg.agents, isolate_loopback=True))
+    e.core = dataclasses.replace(e.core, cfg=isolated)
+    report = e.restart_pard()
+    assert (report.adopted, report.restarted) == ([], [AGENT])
+    assert [op for op in e.fake.ops() if op[0] in ("stop", "start")] == [("stop", "d1"),
+                                                                          ("start", "d1")]
+    unit = e.fake.unit(AGENT)
+    assert unit is not None and unit.active_state == "active"
+    assert unit.spec.environment["PAR_BIND_ADDRESS"] == loopback.agent_address(d.ports["rest"])
+    assert e.store.get("d1").status == "healthy"
+    # the next pard start finds it where the configuration says: adopted as it is
+    report = e.restart_pard()
+    assert (report.adopted, report.restarted) == ([AGENT], [])

@@ -490,9 +490,20 @@ def test_the_default_denies_the_metadata_service(tmp_path: Path) -> None:
 @pytest.mark.parametrize("address", ["169.254.169.254", "::ffff:169.254.169.254",
                                      "fd00:ec2::254", "fe80::1%eth0"])
 def test_guard_denies(address: str) -> None:
-    guard = AddressGuard.from_config(["169.254.169.254/32", "fd00:ec2::254/128", "fe80::/10"])
+    guard = AddressGuard.from_networks(["169.254.169.254/32", "fd00:ec2::254/128", "fe80::/10"])
     assert guard.denies(address)
     assert not guard.denies("127.0.0.1") and not guard.denies("::1")
+
+
+def test_with_isolated_loopback_downloads_reach_only_allowed_loopback(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, agents=dataclasses.replace(
+        cfg.agents, isolate_loopback=True, loopback_allow=["127.0.0.9/32"]))
+    guard = AddressGuard.for_config(cfg)
+    assert guard.denies("127.0.0.1") and guard.denies("::1") and guard.denies("127.31.164.1")
+    assert guard.denies("169.254.169.254")
+    assert not guard.denies("127.0.0.9") and not guard.denies("10.0.0.1")
+    assert not AddressGuard.for_config(make_cfg(tmp_path)).denies("127.0.0.1")
 
 
 def test_https_to_http_redirect_is_not_followed() -> None:

@@ -32,6 +32,10 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
+        if host.startswith("127.") and host != "127.0.0.1":
+            # An agent on a loopback address of its own (agents.isolate_loopback) accepts
+            # only that source: the kernel would pick 127.0.0.1, which its unit drops.
+            sock.bind((host, 0))
         sock.connect((host, port))
     except BaseException:
         sock.close()
