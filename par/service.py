@@ -60,7 +60,10 @@ class ParService:
                                                d.updated_at if since is None else since, wait)
             finally:
                 self._long_polls.release()
-        return {**d.to_api(), "frontUrl": front_url(self.cfg, d.agent_app_id)}
+        # address: where this host reaches the agent's ports (its own loopback address
+        # with agents.isolate_loopback), for `parctl status`'s health URL
+        return {**d.to_api(), "frontUrl": front_url(self.cfg, d.agent_app_id),
+                "address": loopback.connect_host(self.cfg, d.ports)}
 
     def deployment_health(self, ident: str) -> dict:
         d = resolve(self.store, ident)

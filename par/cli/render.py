@@ -94,9 +94,13 @@ def ports_text(ports: object, sep: str = ", ") -> str:
 
 
 def health_url(record: dict) -> str | None:
-    """The agent's REST /health URL on this host, when it has a REST port."""
+    """The agent's REST /health URL on this host, when it has a REST port (at the
+    record's `address`: its own with agents.isolate_loopback; pard before 0.2: none)."""
     rest = (record.get("ports") or {}).get("rest")
-    return f"http://127.0.0.1:{rest}/health" if rest else None
+    if not rest:
+        return None
+    host = record.get("address") or "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{rest}/health"
 
 
 def unit_text(details: object) -> str:

@@ -720,3 +720,15 @@ def test_shell_completion_script() -> None:
     proc = parctl(env={"_PARCTL_COMPLETE": "bash_source"})
     assert proc.returncode == 0
     assert "_parctl_completion" in proc.stdout and "_PARCTL_COMPLETE=bash_complete" in proc.stdout
+
+
+@pytest.mark.parametrize(("record", "url"), [
+    ({"ports": {"rest": 8100}}, "http://127.0.0.1:8100/health"),  # a pard before 0.2
+    ({"ports": {"rest": 8100}, "address": "127.31.164.1"}, "http://127.31.164.1:8100/health"),
+    ({"ports": {"rest": 8100}, "address": "::1"}, "http://[::1]:8100/health"),
+    ({"ports": {}}, None),
+])
+def test_health_url_is_where_the_host_reaches_the_agent(record: dict, url: str | None) -> None:
+    from par.cli.render import health_url
+
+    assert health_url(record) == url
