@@ -6,13 +6,12 @@ answers, what it reports (its installer) is preferred to looking again here.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import agent_state, procs
+from par import agent_state, disk_reserve, procs
 from par.cli.app import App
 from par.cli.render import format_bytes
 from par.client import Client, DaemonUnreachable
@@ -191,89 +190,13 @@ def check_disk(cfg: Config) -> Check:
     return Check("disk", "ok", detail)
 
 
-# Filesystems that keep blocks only uid `resuid=` (default 0) may use: ext4_has_free_clusters.
-RESERVE_FILESYSTEMS = ("ext4", "ext3", "ext2")
-MOUNTINFO = Path("/proc/self/mountinfo")
-
-
-@dataclass(frozen=True)
-class Mount:
-    """A line of /proc/self/mountinfo: where, what, and the superblock's options."""
-
-    point: Path
-    fstype: str
-    source: str
-    options: dict[str, str]
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_of(path: Path, mountinfo: Path = MOUNTINFO) -> Mount | None:
-    """The mount `path` is on: the last (topmost) of the longest mount points above it."""
-    path = Path(os.path.realpath(path))
-    best: Mount | None = None
-    for line in mountinfo.read_text().splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        point = Path(_unescape(fields[4]))
-        if path != point and point not in path.parents:
-            continue
-        if best is not None and len(point.parts) < len(best.point.parts):
-            continue
-        opts = dict(o.partition("=")[::2] for o in fields[sep + 3].split(",")) \
-            if len(fields) > sep + 3 else {}
-        best = Mount(point, fields[sep + 1], _unescape(fields[sep + 2]), opts)
-    return best
-
-
-def existing(path: Path) -> Path:
-    """`path`, or its nearest existing parent."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk_reserve(cfg: Config, var_lib: Path = agent_state.VAR_LIB,
-                       mountinfo: Path = MOUNTINFO) -> Check:
-    """Whether an agent filling its state folder (systemd has no size bound for
-    StateDirectory=) still leaves pard room to write its store, events and deploys:
-    agents' state on another filesystem, or ext4's blocks reserved for root (pard is
-    uid 0, agents are not).  docs/security.md, attack 10."""
-    state = existing(cfg.paths.state_dir)
-    agents = existing(var_lib / "private")
-    if state.stat().st_dev != agents.stat().st_dev:
-        return Check("disk reserve", "ok",
-                     f"agents' state ({agents}) is on another filesystem than {state}: "
-                     "an agent filling it cannot fill pard's")
-    mount = mount_of(state, mountinfo)
-    if mount is None:
-        return Check("disk reserve", "warn", f"no mount found for {state} in {mountinfo}")
-    where = f"{mount.fstype} on {mount.source} ({mount.point}), shared by {state} and {agents}"
-    fix_fs = f"put {agents} on its own filesystem, or project quotas on it (docs/security.md)"
-    if mount.fstype not in RESERVE_FILESYSTEMS:
-        return Check("disk reserve", "warn",
-                     f"{where}: {mount.fstype} keeps no space for root, so an agent filling "
-                     "its state folder leaves pard none either", fix_fs)
-    resuid = mount.options.get("resuid", "0")
-    if resuid != "0":
-        return Check("disk reserve", "warn",
-                     f"{where}: its reserve is for uid {resuid}, not root, so an agent "
-                     "filling its state folder leaves pard none",
-                     f"tune2fs -u 0 {mount.source} and drop resuid= from its mount options")
-    st = os.statvfs(state)
-    # f_bfree - f_bavail: the root reserve (plus ext4's few MiB for its own metadata)
-    reserved = (st.f_bfree - st.f_bavail) * st.f_frsize
-    if reserved <= 0:
-        return Check("disk reserve", "warn",
-                     f"{where}: no blocks are reserved for root, so an agent filling its "
-                     "state folder leaves pard none", f"tune2fs -m 5 {mount.source}")
-    return Check("disk reserve", "ok",
-                 f"{where}: {format_bytes(reserved)} reserved for root; an agent filling its "
-                 "state folder stops there, pard still writes")
+                       mountinfo: Path = disk_reserve.MOUNTINFO) -> Check:
+    """Whether an agent filling its state folder still leaves pard room to write
+    (par.disk_reserve; docs/security.md, attack 10)."""
+    found = disk_reserve.examine(cfg.paths.state_dir, var_lib / "private" / agent_state.TOP,
+                                 mountinfo)
+    return Check("disk reserve", "ok" if found.ok else "warn", found.detail, found.fix)
 
 
 def check_python(cfg: Config) -> Check:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from par import disk_reserve
 from tests.conftest import REPO
 from tests.integration.pard import (
     IT_ROOT,
@@ -245,6 +246,10 @@ def test_a_full_state_dir_leaves_pard_the_root_reserve() -> None:
             running_pard("disk", {"paths": {"state_dir": str(disk.mount / "state")}}) as pard:
         state = disk.mount / "state"
         reserve = disk.reserved_bytes()
+        # PAR relies on the reserve on purpose: `parctl doctor` and pard's start look for it
+        found = disk_reserve.examine(state)
+        assert found.ok and f"ext4 on {disk.device}" in found.detail, found
+        assert "Agents' state can fill pard's disk" not in pard.journal()
         hog = deployed(pard, "disk-hog")
         port = hog["ports"]["rest"]
         avail_before, _ = disk.free()

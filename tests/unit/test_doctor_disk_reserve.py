@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from par.cli import doctor
-from par.cli.doctor import check_disk_reserve, mount_of
+from par import disk_reserve
+from par.cli.doctor import Check, check_disk_reserve
 from par.config import Config, Paths
+from par.disk_reserve import mount_of
 
 
 def line(point: str, fstype: str, source: str, options: str) -> str:
@@ -25,14 +26,14 @@ def cfg(tmp_path: Path) -> Config:
     return Config(paths=Paths(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache"))
 
 
-def check(tmp_path: Path, cfg: Config, mounts: str) -> doctor.Check:
+def check(tmp_path: Path, cfg: Config, mounts: str) -> Check:
     info = tmp_path / "mountinfo"
     info.write_text(mounts)
     return check_disk_reserve(cfg, var_lib=tmp_path / "var-lib", mountinfo=info)
 
 
 def fake_statvfs(monkeypatch: pytest.MonkeyPatch, bfree: int, bavail: int) -> None:
-    monkeypatch.setattr(doctor.os, "statvfs", lambda _p: SimpleNamespace(
+    monkeypatch.setattr(disk_reserve.os, "statvfs", lambda _p: SimpleNamespace(
         f_bfree=bfree, f_bavail=bavail, f_frsize=4096))
 
 
