@@ -279,4 +279,4 @@ def disk_full(exc: OSError, state_dir: Path) -> ParError | None:
         return None
     where = f" ({exc.filename})" if exc.filename else ""
     return ParError("disk_full", f"No space left on device{where} while deploying: free "
-                    f"space on the filesystem of {state_dir}", None, 507)
+                    f"space (or inodes) on the filesystem of {state_dir}", None, 507)
