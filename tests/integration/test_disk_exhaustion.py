@@ -225,6 +225,9 @@ def ext4_disk(size_mib: int, reserve_percent: int, inodes: int | None = None) ->
         disk.mount.mkdir()
         sh("mount", "-t", "ext4", str(disk.device), str(disk.mount))
         disk.mounts.append(disk.mount)
+        # detaching a mounted loop device sets its autoclear flag: it goes with the last
+        # mount, even when the sandbox is stopped before the `finally` below runs
+        sh("losetup", "-d", str(disk.device))
         (disk.mount / "par-agents").mkdir(mode=0o755)
         if not AGENTS_STATE.exists():
             AGENTS_STATE.parent.mkdir(mode=0o700, exist_ok=True)
@@ -237,8 +240,9 @@ def ext4_disk(size_mib: int, reserve_percent: int, inodes: int | None = None) ->
         for mount in reversed(disk.mounts):
             if sh("umount", str(mount), check=False).returncode != 0:
                 sh("umount", "-l", str(mount), check=False)
-        if disk.device is not None:
-            sh("losetup", "-d", str(disk.device), check=False)
+        if disk.device is not None and disk.device.exists() and \
+                str(disk.image) in sh("losetup", "-a", check=False).stdout:
+            sh("losetup", "-d", str(disk.device), check=False)  # not mounted: no autoclear
         for path in disk.made_dirs + disk.made_nodes:
             with contextlib.suppress(OSError):
                 path.rmdir() if path.is_dir() else path.unlink()
@@ -309,7 +313,8 @@ def test_a_full_state_dir_leaves_pard_the_root_reserve() -> None:
         before.assert_same(state)
         assert temp_leftovers(state) == []
         measure("a deploy that must build a venv, disk full",
-                f"failed {res['error']['code']}: {res['error']['message'].splitlines()[0]}")
+                f"failed {res['error']['code']}: "
+                f"{res['error']['message'].splitlines()[0].rstrip(':')}")
 
         # the reserve gone too (root ballast): pard's own writes fail cleanly, as
         # `disk_full`, and the failure is recorded once the deploy's files are gone

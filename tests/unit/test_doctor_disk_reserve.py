@@ -3,6 +3,7 @@ room to write?  Fake mountinfo lines and statvfs; the real folders of tmp_path."
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import pytest
 from par import disk_reserve
 from par.cli.doctor import Check, check_disk_reserve
 from par.config import Config, Paths
+from par.daemon import Daemon
 from par.disk_reserve import mount_of
 
 
@@ -97,3 +99,23 @@ def test_mount_of_takes_the_deepest_mount_and_unescapes(tmp_path: Path) -> None:
     assert m is not None and m.fstype == "btrfs"
     m = mount_of(Path("/etc"), info)
     assert m is not None and m.fstype == "ext4"
+
+
+def test_pard_warns_at_start_and_never_fails_on_the_check(
+        tmp_path: Path, cfg: Config, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    daemon = Daemon(cfg, logging.getLogger("par.test.reserve"))
+    monkeypatch.setattr(disk_reserve, "examine", lambda _state: disk_reserve.Finding(
+        False, "xfs on /dev/vda (/): no reserve", "put it elsewhere"))
+    with caplog.at_level(logging.WARNING, logger="par.test.reserve"):
+        daemon._warn_without_disk_reserve()
+    assert [r.getMessage() for r in caplog.records] == ["Agents' state can fill pard's disk"]
+
+    def unreadable(_state: Path) -> disk_reserve.Finding:
+        raise PermissionError(13, "Permission denied", "/proc/self/mountinfo")
+
+    monkeypatch.setattr(disk_reserve, "examine", unreadable)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="par.test.reserve"):
+        daemon._warn_without_disk_reserve()  # logged, not raised: pard starts anyway
+    assert [r.getMessage() for r in caplog.records] == ["Could not check the disk reserve"]
