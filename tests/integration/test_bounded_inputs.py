@@ -127,7 +127,9 @@ TABLE = Table(
           "environment a package or a request may set is checked against the table in "
           "docs/security.md; events, past deployments and kept packages are bounded "
           "(`retention`). pard runs with the default caps and `retention` of 5 events per "
-          "deployment, 3 past deployments and 1 spare package per agent.",
+          "deployment, 3 past deployments and 1 spare package per agent. An agent's state "
+          "folder has no bound of its own: the two `state-fills-` rows run their own pard on "
+          "a small ext4 image, where the blocks reserved for root are what pard keeps.",
     module=__name__,
     cases=tuple(r.case() for r in REFUSED) + (
         Case("env-pars-win", "a package whose .env sets `REST_PORT`, `AGENT_APP_ID`, "

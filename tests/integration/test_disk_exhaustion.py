@@ -11,7 +11,11 @@ its store, events and new deployments still fit.  Builds run as `par-build`, not
 root, so a deploy that must install requirements fails cleanly (`disk_full`)
 instead of eating the reserve.
 
-The test makes a small ext4 image (mkfs.ext4 -m 5) on a loop device, mounts it in
+ext4 reserves blocks, not inodes: the second test shows an agent that uses up the
+inodes leaves root none either (open, docs/security.md), and that pard then fails
+deploys cleanly and recovers once the agent is purged.
+
+Each test makes a small ext4 image (mkfs.ext4 -m 5) on a loop device, mounts it in
 the test's mount namespace (the sandbox's own; under real systemd, the host's for
 the length of the test) and puts both pard's state_dir and
 /var/lib/private/par-agents (bind mount) on it.
@@ -149,7 +153,7 @@ def invoke(port: int, timeout: float = 120, **body: object) -> dict:
 
 @dataclass
 class Disk:
-    """A mounted ext4 image: `mount` is its root; `made` what to remove at the end."""
+    """A mounted ext4 image (`mount` is its root) and what to undo at the end."""
 
     image: Path
     mount: Path
@@ -164,13 +168,16 @@ class Disk:
         return st.f_bavail * st.f_frsize, st.f_bfree * st.f_frsize
 
     def reserved_bytes(self) -> int:
-        """The root reserve as the superblock has it (tune2fs -l)."""
+        """The root reserve as the superblock has it (tune2fs -l), checked to be uid 0's."""
         out = sh("tune2fs", "-l", str(self.device)).stdout
-        count = int(re.search(r"^Reserved block count:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
-        size = int(re.search(r"^Block size:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
-        uid = re.search(r"^Reserved blocks uid:\s+(\d+)", out, re.M)
-        assert uid is not None and uid.group(1) == "0", out
-        return count * size
+
+        def number(name: str) -> int:
+            found = re.search(rf"^{name}:\s+(\d+)", out, re.M)
+            assert found is not None, f"no {name!r} in tune2fs -l:\n{out}"
+            return int(found.group(1))
+
+        assert number("Reserved blocks uid") == 0, out
+        return number("Reserved block count") * number("Block size")
 
 
 def _mknod(path: Path, kind: int, major: int, minor: int, made: list[Path]) -> None:
