@@ -25,7 +25,17 @@ from pathlib import Path
 
 import sdnotify
 
-from par import __version__, config, extract, fetch, layout, log, loopback, retention
+from par import (
+    __version__,
+    config,
+    disk_reserve,
+    extract,
+    fetch,
+    layout,
+    log,
+    loopback,
+    retention,
+)
 from par.actions import Actions
 from par.agent_locks import AgentLocks
 from par.api import ApiServer
@@ -113,6 +123,19 @@ class Daemon:
         self.monitor: UnitMonitor | None = None
         self.routes: RoutesPublisher | None = None
 
+    def _warn_without_disk_reserve(self) -> None:
+        """An agent filling its state folder would stop pard's own writes too: say so
+        at start (par.disk_reserve); a failure to look is logged, never fatal."""
+        try:
+            reserve = disk_reserve.examine(self.cfg.paths.state_dir)
+        except OSError as exc:
+            log.event(self.logger, "Could not check the disk reserve", logging.WARNING,
+                      error=str(exc))
+            return
+        if not reserve.ok:
+            log.event(self.logger, "Agents' state can fill pard's disk", logging.WARNING,
+                      detail=reserve.detail, hint=reserve.fix)
+
     def start(self) -> None:
         """Everything up to READY=1 (raises ParError when something is refused)."""
         cfg = self.cfg
@@ -129,6 +152,7 @@ class Daemon:
                       hint="uv cannot hardlink: every venv gets full copies; move paths.cache_dir")
         if cfg.agents.isolate_loopback:
             self.log_loopback_resolvers()
+        self._warn_without_disk_reserve()
         core = Core(cfg=cfg, store=store, systemd=Systemd(), venvs=VenvManager(cfg, self.logger),
                     logger=self.logger, host_dir=install_host(cfg))
         if core.venvs.start_uv_bootstrap():  # kind auto, no uv: fetched in the background

@@ -19,6 +19,7 @@ other deployment uses is removed.  A deploy removed while queued never runs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -158,7 +159,13 @@ class Deployer:
             started = time.monotonic()
             created: list[Path] = []
             try:
-                self._deploy(d, req, created)
+                try:
+                    self._deploy(d, req, created)
+                except OSError as exc:
+                    full = disk_full(exc, self.core.cfg.paths.state_dir)
+                    if full is None:
+                        raise
+                    raise full from exc
             except ParError as exc:
                 remove_unused(self.core.cfg, store, self.core.venvs, self.core.logger,
                               created, exclude=deployment_id)
@@ -279,3 +286,15 @@ def _refuse_overlap(store: Store, req: DeployRequest) -> None:
                        f"agentAppId {req.agent_app_id!r} is deployment {other.deployment_id} "
                        f"of agent {other.agent_app_id}; choose another agentAppId",
                        "agentAppId", 409)
+
+
+def disk_full(exc: OSError, state_dir: Path) -> ParError | None:
+    """ENOSPC/EDQUOT from pard's own writes (download, extraction, its files) as the
+    `disk_full` failure, so the deploy's files are removed like on any refusal; None
+    for any other OSError (a bug: it stays an internal error).  pard runs as root, so
+    on ext4 it reaches this only once the root reserve is gone too."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return ParError("disk_full", f"No space left on device{where} while deploying: free "
+                    f"space (or inodes) on the filesystem of {state_dir}", None, 507)

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import procs
+from par import agent_state, disk_reserve, procs
 from par.cli.app import App
 from par.cli.render import format_bytes
 from par.client import Client, DaemonUnreachable
@@ -51,6 +51,7 @@ def run_checks(app: App) -> list[Check]:
         check_dir("cache dir", cfg.paths.cache_dir),
         check_installer(cfg, health),
         check_disk(cfg),
+        check_disk_reserve(cfg),
         check_python(cfg),
     ]
 
@@ -187,6 +188,15 @@ def check_disk(cfg: Config) -> Check:
                      f"{detail}, close to venvs.min_free_bytes ({format_bytes(floor)})",
                      "parctl venv prune")
     return Check("disk", "ok", detail)
+
+
+def check_disk_reserve(cfg: Config, var_lib: Path = agent_state.VAR_LIB,
+                       mountinfo: Path = disk_reserve.MOUNTINFO) -> Check:
+    """Whether an agent filling its state folder still leaves pard room to write
+    (par.disk_reserve; docs/security.md, attack 10)."""
+    found = disk_reserve.examine(cfg.paths.state_dir, var_lib / "private" / agent_state.TOP,
+                                 mountinfo)
+    return Check("disk reserve", "ok" if found.ok else "warn", found.detail, found.fix)
 
 
 def check_python(cfg: Config) -> Check:

@@ -36,6 +36,7 @@ from tests.reliability_cases import (
 from tests.unit.apkg_factory import GOOD_MAIN, package
 
 KIB, MIB = 1024, 1024 * 1024
+DISK_TESTS = "tests/integration/test_disk_exhaustion.py"
 RETENTION = {"events_per_deployment": 5, "history_deployments": 3, "packages_per_agent": 1}
 CONFIG = {"agents": {"boot_timeout_s": 20}, "retention": RETENTION}
 MANIFEST = "name: cap-agent\nversion: 1.0.0\nentrypoint: main:handler\n"
@@ -126,7 +127,9 @@ TABLE = Table(
           "environment a package or a request may set is checked against the table in "
           "docs/security.md; events, past deployments and kept packages are bounded "
           "(`retention`). pard runs with the default caps and `retention` of 5 events per "
-          "deployment, 3 past deployments and 1 spare package per agent.",
+          "deployment, 3 past deployments and 1 spare package per agent. An agent's state "
+          "folder has no bound of its own: the two `state-fills-` rows run their own pard on "
+          "a small ext4 image, where the blocks reserved for root are what pard keeps.",
     module=__name__,
     cases=tuple(r.case() for r in REFUSED) + (
         Case("env-pars-win", "a package whose .env sets `REST_PORT`, `AGENT_APP_ID`, "
@@ -156,6 +159,22 @@ TABLE = Table(
              "the unit gets MemoryMax= (agents.memory_max_mb, with MemorySwapMax=0), CPUQuota= "
              "and TasksMax= (fork bombs) from par.yaml",
              "tests/integration/test_attacks.py::test_attack_10_default_limits"),
+        Case("state-fills-disk", "an agent writes into its state folder until ENOSPC, on a "
+             "256 MiB ext4 image (`mkfs.ext4 -m 5`) holding pard's state_dir and "
+             "/var/lib/private/par-agents",
+             "the agent (a dynamic user) stops at the root reserve: 0 bytes left for non-root "
+             "users; pard (uid 0) answers, records events and deploys another agent (healthy, "
+             "from the reserve); a deploy that must build (as par-build) fails `disk_full`; "
+             "with the reserve gone too, a deploy fails `disk_full`; nothing left behind, the "
+             "store passes quick_check; `rm --purge` gives the space back (attack 10)",
+             f"{DISK_TESTS}::test_a_full_state_dir_leaves_pard_the_root_reserve"),
+        Case("state-fills-inodes", "an agent creates empty files until ENOSPC, on an ext4 "
+             "image with 4,096 inodes",
+             "root gets no inode either (ext4 reserves blocks, not inodes: open, see "
+             "docs/security.md); pard answers, fails a new deploy `disk_full` with nothing "
+             "left behind, restarts the agent and records it; after `rm --purge` of the agent "
+             "a deploy is healthy",
+             f"{DISK_TESTS}::test_inodes_have_no_root_reserve_but_pard_fails_cleanly"),
         Case("api-caps", "a request line over 8 KiB, headers over 32 KiB, JSON nested deeper "
              "than 32, 300 slow clients from one address",
              "414, 431, 400 naming listen.max_json_depth; the slow clients are capped per "

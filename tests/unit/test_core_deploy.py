@@ -3,11 +3,13 @@ each step's failure, replacement, rollback and the per-agent queues."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import pytest
 
-from par import layout
+from par import layout, pipeline
 from par.agent_unit import EXIT_MEANING, env_file_path
 from par.errors import ParError
 from tests.unit.core_env import CoreEnv, poll
@@ -247,6 +249,39 @@ def test_failure_before_starting_leaves_the_current_deployment_alone(core_env: C
     assert d2.error_code == "requirements_editable"
     assert e.fake.ops() == [("start", "d1")]
     assert e.store.get("d1") == d1 and e.files() == v1_files
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_in_pards_own_writes_fails_cleanly(core_env: CoreEnv,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       err: int) -> None:
+    """ENOSPC while pard extracts (its own write: on ext4, once the root reserve is
+    gone too) is `disk_full`, not an internal error, and the downloaded package goes."""
+    e = core_env
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(err, os.strerror(err), str(layout.extracted(e.cfg) / ".tmp-x"))
+
+    monkeypatch.setattr(pipeline, "extract_package", full)
+    d = e.deploy("d1", e.package())
+    assert (d.status, d.error_code, d.current) == ("failed", "disk_full", False)
+    message = d.error_message or ""
+    assert message.startswith("No space left on device (") and ".tmp-x" in message, message
+    assert str(e.cfg.paths.state_dir) in message
+    assert e.leftovers() == []
+    assert e.fake.ops() == []
+
+
+def test_other_os_errors_stay_internal(core_env: CoreEnv,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    e = core_env
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pipeline, "extract_package", broken)
+    d = e.deploy("d1", e.package())
+    assert (d.status, d.error_code) == ("failed", "internal")
 
 
 def test_port_taken_by_another_agent_is_refused(core_env: CoreEnv) -> None:
