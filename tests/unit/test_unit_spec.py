@@ -175,3 +175,16 @@ def test_ports_inherit_and_exhaustion() -> None:
     with pytest.raises(ParError) as exc:
         ports.allocate(cfg, requested={}, taken={20400})
     assert exc.value.code == "ports_exhausted"
+
+
+def test_par_service_sets_each_directive_once() -> None:
+    """par.service once carried its hardening block twice (a merge leftover): list
+    directives then add up silently, so a later edit of one copy does nothing."""
+    from collections import Counter
+
+    from tests.conftest import REPO
+
+    keys = Counter(line.split("=", 1)[0] for line in
+                   (REPO / "systemd/par.service").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    assert [k for k, n in keys.items() if n > 1] == []
