@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from aiohttp import ClientSession, TCPConnector
@@ -67,6 +68,13 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs have spent busy so far (/proc/stat: user, nice, system, irq,
+    softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -189,26 +197,39 @@ def run(seconds: float, clients: int, load_fraction: float = 0.5,
 
             who = {"agent": procs[0].pid, "front": procs[1].pid}
 
+            def cpu_now() -> dict[str, float]:
+                now = {k: cpu_seconds(pid) for k, pid in who.items()}
+                now["client"] = time.process_time()
+                now["machine"], now["wall"] = machine_busy_seconds(), time.monotonic()
+                return now
+
+            async def step(work: Awaitable[dict]) -> dict:
+                """`work`'s result with the CPU each process spent per request (the front
+                door's: its own cost), and the CPU everything else on the machine used
+                meanwhile (other jobs disturb a run: its numbers are then not comparable)."""
+                before = cpu_now()
+                r = await work
+                after = cpu_now()
+                used = {k: after[k] - before[k] for k in after}
+                r["cpu_us_per_request"] = {k: round(used[k] * 1e6 / r["requests"], 1)
+                                           for k in ("agent", "front", "client")}
+                others = used["machine"] - used["agent"] - used["front"] - used["client"]
+                r["others_cpu"] = round(max(0.0, others) / used["wall"], 2)
+                return r
+
             async def measure() -> dict:
                 await wait_up(direct)
                 await wait_up(front)
                 out = {}
                 for name, url in (("direct", direct), ("front", front)):
                     await load(url, clients, 1.0)  # warm-up: connections, caches
-                    before = {k: cpu_seconds(pid) for k, pid in who.items()}
-                    before["client"] = time.process_time()
-                    r = out[f"{name}_{clients}"] = await load(url, clients, seconds)
-                    # CPU each process spent per request (the front door's: its own cost)
-                    after = {k: cpu_seconds(pid) for k, pid in who.items()}
-                    after["client"] = time.process_time()
-                    r["cpu_us_per_request"] = {k: round((after[k] - before[k]) * 1e6
-                                                        / r["requests"], 1) for k in after}
+                    out[f"{name}_{clients}"] = await step(load(url, clients, seconds))
                 # the same offered load for both: a share of what the front door can do
                 offered = rate or load_fraction * out[f"front_{clients}"]["rps"]
                 for name, url in (("direct", direct), ("front", front)):
-                    out[f"{name}_rate"] = await fixed_rate(url, clients, offered, seconds)
+                    out[f"{name}_rate"] = await step(fixed_rate(url, clients, offered, seconds))
                 for name, url in (("direct", direct), ("front", front)):
-                    out[f"{name}_1"] = await load(url, 1, seconds / 2)
+                    out[f"{name}_1"] = await step(load(url, 1, seconds / 2))
                 return out
 
             results = asyncio.run(measure())
@@ -247,12 +268,13 @@ def table(results: dict) -> str:
     rows = ["Back to back (closed loop: each client sends its next request as soon as the "
             f"last answer arrived); with {c} clients both paths are saturated: their "
             "throughput, and a p50 that is queueing (about clients / throughput)", "",
-            "| clients | path | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+            "| clients | path | req/s | p50 ms | p99 ms | errors | others' CPU |",
+            "|---|---|---|---|---|---|---|"]
     for n in (c, 1):
         for path in ("direct", "front"):
             r = results[f"{path}_{n}"]
             rows.append(f"| {n} | {name[path]} | {r['rps']:.0f} | {r['p50_ms']:.2f} |"
-                        f" {r['p99_ms']:.2f} | {r['errors']} |")
+                        f" {r['p99_ms']:.2f} | {r['errors']} | {r['others_cpu']:.0%} |")
     cpu = {path: results[f"{path}_{c}"]["cpu_us_per_request"] for path in ("direct", "front")}
     rows += ["", f"CPU per request, {c} clients saturated (µs): front door "
              f"{cpu['front']['front']:.0f}; agent {cpu['direct']['agent']:.0f} direct, "
@@ -264,14 +286,17 @@ def table(results: dict) -> str:
              f"throughput, {s['offered_of_direct_max']:.0%} of direct); latency from when "
              "each request was due", "",
              "| path | offered req/s | answered req/s | p50 ms | p99 ms "
-             "| from send: p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| from send: p50 ms | p99 ms | errors | others' CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in ("direct", "front"):
         r = results[f"{path}_rate"]
         rows.append(f"| {name[path]} | {r['rate']:.0f} | {r['rps']:.0f} | {r['p50_ms']:.2f} |"
                     f" {r['p99_ms']:.2f} | {r['service_p50_ms']:.2f} |"
-                    f" {r['service_p99_ms']:.2f} | {r['errors']} |")
-    rows.append("")
+                    f" {r['service_p99_ms']:.2f} | {r['errors']} | {r['others_cpu']:.0%} |")
+    rows += ["", "others' CPU: what everything but the agent, the front door and this load "
+             "generator used meanwhile (100 % = one of the machine's CPUs; the kernel's own "
+             "work for loopback traffic is part of it); a step disturbed by other jobs is "
+             "not comparable.", ""]
     rows.append(f"Front door / direct throughput, {c} clients saturated: "
                 f"**{s['throughput_ratio']:.0%}** (target >= 50 %).  Added at "
                 f"{s['offered_rps']:.0f} req/s, {c} clients: p50 **{s['added_p50_ms']:.2f} ms** "
