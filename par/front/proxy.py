@@ -240,8 +240,7 @@ class Proxy:
                 try:
                     upstream = await session.request(
                         request.method, self.url(res, port, target), headers=headers, data=data,
-                        allow_redirects=False, skip_auto_headers=("Accept-Encoding",
-                                                                  "User-Agent", "Accept"))
+                        allow_redirects=False)
                     length = upstream.content_length
                     if length is not None and length <= SMALL_ANSWER_BYTES \
                             and request.method != "HEAD" and upstream.status not in (204, 304):

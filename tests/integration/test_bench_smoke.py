@@ -3,8 +3,10 @@
 1 run, 3 agents, 5 s idle, two small wheels: this checks that all six
 benchmarks still run against the current pard and report sane numbers
 (finite, non-negative, the right counts), and that writing docs/benchmarks.md
-keeps the sections around the generated one.  It never checks a timing: the
-benchmarks report speed, the test suite must not fail on a slow machine.
+keeps the sections around the generated one.  The front door's benchmark
+(bench/front_door.py, `scripts/bench --front`) runs with 4 clients for 1 s.
+It never checks a timing: the benchmarks report speed, the test suite must not
+fail on a slow machine.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import math
 import shutil
 
-from bench import e2e
+from bench import e2e, front_door
 from bench.report import BEGIN, END
 from tests.conftest import REPO, require_file
 from tests.integration.pard import UV, WHEELHOUSE
@@ -72,3 +74,19 @@ def test_all_six_benchmarks_run_with_tiny_sizes(tmp_path, capsys):
     assert "scripts/bench --smoke" in text
     for title in SECTIONS.values():
         assert f"### {title}" in text
+
+
+def test_front_door_benchmark_runs_with_tiny_sizes():
+    """Every step (saturated, fixed rate at the same offered load for both paths, one
+    client) runs and answers every request; the numbers are only checked to be sane."""
+    results = front_door.run(seconds=1.0, clients=4, load_fraction=0.5)
+    for key in ("direct_4", "front_4", "direct_rate", "front_rate", "direct_1", "front_1"):
+        r = results[key]
+        assert r["requests"] > 0 and r["errors"] == 0, (key, r)
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("rps", "p50_ms", "p99_ms")), r
+    assert results["direct_rate"]["rate"] == results["front_rate"]["rate"] > 0
+    assert set(results["front_4"]["cpu_us_per_request"]) == {"agent", "front", "client"}
+    summary = results["summary"]
+    assert summary["throughput_ratio"] > 0 and summary["offered_rps"] > 0
+    table = front_door.table(results)
+    assert "Fixed rate" in table and "req/s" in table

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,12 @@ async def _agent(port: int) -> web.AppRunner:
         return web.json_response({"path": request.path,
                                   "prefix": request.headers.get("X-Forwarded-Prefix")})
 
+    async def headers(request: web.Request) -> web.Response:
+        return web.json_response({k.lower(): v for k, v in request.headers.items()})
+
     app = web.Application()
     app.router.add_get("/ws", ws)
+    app.router.add_route("*", "/headers", headers)
     app.router.add_get("/{tail:.*}", hello)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -156,6 +161,44 @@ def test_proxy_websocket_hold_and_connection_limit(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
             async with client.get(f"{base}/y") as again:
                 assert again.status == 200
+        await close()
+        await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_proxy_forwards_the_callers_headers_and_adds_none_of_aiohttps(tmp_path: Path) -> None:
+    """The agent sees the caller's headers as they were, plus X-Forwarded-*: none that
+    aiohttp's client adds of its own (User-Agent, Accept, Accept-Encoding), on the pooled
+    session and on the one for WebSocket upgrades and streamed bodies alike."""
+    routes = tmp_path / "routes.json"
+    agent_port = free_port()
+    atomic_write_bytes(routes, render(build_table([dep("d1", "a", ports={"rest": agent_port})],
+                                                  [])))
+    own = {"user-agent", "accept", "accept-encoding"}
+
+    async def scenario() -> None:
+        runner = await _agent(agent_port)
+        port, close = await _front(routes, Limits())
+        url = f"http://127.0.0.1:{port}/agents/a/headers"
+        async with ClientSession(skip_auto_headers=("User-Agent", "Accept",
+                                                    "Accept-Encoding")) as bare:
+            async with bare.get(url) as resp:
+                seen = await resp.json()
+            assert not own & set(seen), seen
+            assert seen["x-forwarded-prefix"] == "/agents/a"
+            assert seen["x-forwarded-for"] == "127.0.0.1"
+            # a body of unknown length streams, through the session of fresh connections
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"x"
+            async with bare.post(url, data=chunks()) as resp:
+                seen = await resp.json()
+            assert not own & set(seen), seen
+            async with bare.get(url, headers={"User-Agent": "caller/1", "Accept": "text/plain",
+                                              "Accept-Encoding": "br"}) as resp:
+                seen = await resp.json()
+            assert (seen["user-agent"], seen["accept"], seen["accept-encoding"]) == \
+                ("caller/1", "text/plain", "br")
         await close()
         await runner.cleanup()
 
