@@ -228,6 +228,8 @@ class Deployer:
         except ParError:
             if previous is not None and was_serving:
                 self._roll_back(did, previous)
+            # nothing serves (no rollback, or it failed): the held ports go
+            pipeline.release_if_idle(core, agent)
             raise
         # current first: a client that sees `healthy` must also see it current (a pard
         # killed in between leaves it `starting` with its unit up: reconcile finishes it)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from par import agent_env, agent_state, layout
+from par import agent_env, agent_sockets, agent_state, layout
 from par import ports as portalloc
 from par.agent_unit import (
     AgentLaunch,
@@ -190,18 +190,24 @@ def launch(core: Core, req: DeployRequest, pkg: LoadedPackage, venv_path: Path,
 
 
 def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) -> UnitStatus:
-    """Start the agent's unit and wait for READY=1; on failure raise `agent_start_failed`
-    with the reason, leaving no unit behind.
+    """Start the agent's unit behind its socket unit (par.agent_sockets) and wait for
+    READY=1; on failure raise `agent_start_failed` with the reason, the service stopped
+    (the socket stays: a rollback starts on the same ports; `release_if_idle` after).
 
     `current`: the unit's status if the caller just read it."""
     spec = unit_spec(core.cfg, launch)
+    held = agent_sockets.held_sockets(core.cfg, launch.agent_id, launch.ports, spec)
     current_org = getattr(core.store.current(launch.agent_id), "org_id", launch.org_id)
     if current_org == launch.org_id:  # a pre-0.x state folder is that org's, no other's
         agent_state.migrate_legacy(launch.agent_id, launch.org_id)
     write_host_spec(launch)  # what the host serves (unchanged ones are not rewritten)
     write_env_file(core.cfg, launch)  # its secrets, read by PID 1 at every (re)start
     started = time.time()
-    core.systemd.start(spec, current)
+    if current is not None and current.active_state in ("active", "activating", "reloading",
+                                                        "deactivating"):
+        raise ParError("unit_exists", f"{spec.name} is already {current.active_state}",
+                       None, 409)
+    agent_sockets.start(core.systemd, spec, held, core.logger)
     st = core.systemd.wait_active(spec.name, timeout=spec.timeout_start_s + JOB_GRACE_S)
     if st.active_state == "active":
         return st
@@ -216,10 +222,15 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
 
 
 def stop(core: Core, agent: str, timeout_s: float,
-         current: UnitStatus | None = None) -> UnitStatus:
+         current: UnitStatus | None = None, release: bool = False) -> UnitStatus:
     """Stop the agent's unit (SIGTERM, SIGKILL after `timeout_s`) and forget a failed
-    state; its status afterwards."""
+    state; its status afterwards.
+
+    The socket unit keeps the ports (a start follows: restart, redeploy) unless
+    `release`: then it goes first, so no connection can start the service again."""
     name = unit_name(agent)
+    if release:
+        agent_sockets.release(core.systemd, agent)
     st = core.systemd.stop(name, wait_s=timeout_s + JOB_GRACE_S, current=current)
     if st.exists and st.active_state == "failed":
         core.systemd.reset_failed(name)
@@ -227,10 +238,20 @@ def stop(core: Core, agent: str, timeout_s: float,
     return st
 
 
-def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None) -> UnitStatus:
+def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None,
+                    release: bool = False) -> UnitStatus:
     """`stop` with the deployment's own stop timeout."""
     requested = from_stored(d.full_request()).stop_timeout_s
-    return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current)
+    return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current,
+                release)
+
+
+def release_if_idle(core: Core, agent: str) -> None:
+    """Free the agent's ports when its service is not running (a start failed and
+    nothing was rolled back): a held socket would start it on the next connection."""
+    st = core.systemd.status(unit_name(agent))
+    if st.active_state not in ("active", "activating", "reloading"):
+        agent_sockets.release(core.systemd, agent)
 
 
 # ---------------------------------------------------------------- relaunch

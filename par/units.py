@@ -31,6 +31,8 @@ from par.unit_signatures import EXTRA_SIGNATURES
 
 UNIT_PREFIX = "par-agent@"
 UNIT_SUFFIX = ".service"
+# The agent's listening sockets, held by systemd (par.agent_sockets).
+SOCKET_SUFFIX = ".socket"
 
 SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
 
@@ -39,11 +41,17 @@ def unit_name(agent_id: str) -> str:
     return f"{UNIT_PREFIX}{ids.agent_id(agent_id)}{UNIT_SUFFIX}"
 
 
-def agent_id_of(unit: str) -> str | None:
-    """The agent id in a `par-agent@<id>.service` name, or None for other units."""
-    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX):
-        return unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)]
+def agent_id_of(unit: str, suffix: str = UNIT_SUFFIX) -> str | None:
+    """The agent id in a `par-agent@<id>.service` name (`.socket` with that `suffix`), or
+    None for other units."""
+    if unit.startswith(UNIT_PREFIX) and unit.endswith(suffix):
+        return unit[len(UNIT_PREFIX) : -len(suffix)]
     return None
+
+
+def socket_name(agent_id: str) -> str:
+    """`par-agent@<agent_id>.socket`: the socket unit holding the agent's ports."""
+    return f"{UNIT_PREFIX}{ids.agent_id(agent_id)}{SOCKET_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,56 @@ class Systemd:
         with self._bus() as bus:
             bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"StartTransientUnit", args)
 
+    def unit_state(self, name: str) -> tuple[str, str, str]:
+        """(LoadState, ActiveState, Description) of a unit of any type (a socket, say);
+        ("not-found", "inactive", "") for one systemd does not know."""
+        with self._bus() as bus:
+            try:
+                load = _s(_get(bus, name, b"Unit", b"LoadState", b"s"))
+            except Exception:
+                return "not-found", "inactive", ""
+            if load == "not-found":
+                return load, "inactive", ""
+            return (load, _s(_get(bus, name, b"Unit", b"ActiveState", b"s")),
+                    _s(_get(bus, name, b"Unit", b"Description", b"s")))
+
+    def listen_ports(self, name: str) -> set[int]:
+        """The TCP ports a socket unit listens on (its `Listen=`); empty when not loaded."""
+        with self._bus() as bus:
+            try:
+                listen = _get(bus, name, b"Socket", b"Listen", b"a(ss)")
+            except Exception:
+                return set()
+        ports = set()
+        for kind, address in listen:
+            port = _s(address).rpartition(":")[2]
+            if _s(kind) == "Stream" and port.isdigit():
+                ports.add(int(port))
+        return ports
+
+    def stop_socket(self, name: str, timeout: float = 10) -> None:
+        """Stop a socket unit (systemd closes its listening sockets; a service still running
+        keeps its own copies), wait until it is down, and forget a failed state."""
+        if self.unit_state(name)[0] == "not-found":
+            return
+        self.stop_unit(name)
+        deadline = time.monotonic() + timeout
+        while self.unit_state(name)[1] not in ("inactive", "failed"):
+            if time.monotonic() > deadline:
+                raise ParError("systemd_error", f"{name} did not stop", None, 500)
+            time.sleep(0.01)
+        self.reset_failed(name)
+
+    def wait_unloaded(self, name: str, timeout: float) -> bool:
+        """Wait until systemd has forgotten the unit (garbage-collected it): a transient
+        unit's name can be started again only then.  True when it is gone."""
+        deadline = time.monotonic() + timeout
+        while self.unit_state(name)[0] != "not-found":
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def start_unit(self, name: str, restart: bool = False) -> None:
         """Start (or restart) a loaded unit; returns once systemd queued the job."""
         with self._bus() as bus:
@@ -448,10 +506,10 @@ class Systemd:
                            500) from exc
         return out
 
-    def list_agent_units(self) -> list[str]:
-        """Names of every loaded `par-agent@*.service` unit."""
+    def list_agent_units(self, suffix: str = UNIT_SUFFIX) -> list[str]:
+        """Names of every loaded `par-agent@*.service` unit (`*.socket` with that `suffix`)."""
         with self._manager() as manager:
-            pattern = f"{UNIT_PREFIX}*{UNIT_SUFFIX}".encode()
+            pattern = f"{UNIT_PREFIX}*{suffix}".encode()
             units = manager.Manager.ListUnitsByPatterns([], [pattern])
         return sorted(_s(u[0]) for u in units)
 

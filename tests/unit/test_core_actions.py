@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from par import layout
+from par import layout, pipeline
 from par.actions import resolve
 from par.agent_unit import env_file_path
 from par.errors import ParError
@@ -250,7 +250,7 @@ def test_an_action_waiting_for_the_lock_acts_on_the_record_as_it_is_then(
         time.sleep(0.3)  # the restart has resolved d1 (current then) and waits for the lock
         e.store.clear_current(AGENT)  # ... and does its work meanwhile
         e.store.update("d1", desired_state="removed", status="removed")
-        e.fake.stop("par-agent@agent-a.service", wait_s=1)
+        pipeline.stop(e.core, AGENT, 1, release=True)
     waiter.join(10)
     assert outcome == ["not_current"]
     assert e.fake.unit(AGENT) is None  # no unit that no deployment owns

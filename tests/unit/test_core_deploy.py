@@ -101,8 +101,10 @@ def test_start_timeout_fails(core_env: CoreEnv) -> None:
     assert d.error_message is not None and d.error_message.startswith(
         f"the agent did not report ready within {e.cfg.agents.boot_timeout_s} s")
     assert e.fake.unit(AGENT) is None  # stopped (failed, result timeout) and reset
+    # the second reset finds the unit still loaded: its socket pins it until released
     assert e.fake.ops() == [("start", "d1"), ("stop", "d1"), ("reset_failed", "d1"),
-                            ("reset_failed", None)]
+                            ("reset_failed", "d1")]
+    assert e.fake.sockets() == {}  # nothing serves: the ports are released
     assert e.leftovers() == []
 
 

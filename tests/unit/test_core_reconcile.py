@@ -7,7 +7,7 @@ pipeline's own steps, in the order and with the store writes the Deployer does.
 
 from __future__ import annotations
 
-from par import pipeline
+from par import agent_sockets, pipeline
 from par.agent_unit import AgentLaunch, unit_spec
 from par.store import Deployment
 from tests.unit.core_env import CoreEnv
@@ -188,10 +188,11 @@ def test_half_started_deploy_is_stopped_and_the_previous_brought_back(
     d1 = deployed(e, "d1", "1.0.0")
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
-    e.fake.start(unit_spec(e.cfg, launch))  # still activating when pard died
+    _start_unit(e, launch)  # still activating when pard died
     report = e.restart_pard()
     assert report.interrupted == ["d2"] and report.restarted == [AGENT]
-    assert e.fake.ops() == [("stop", "d2"), ("start", "d1")]
+    # d2's stopped unit stays loaded (its socket pins it) until d1 replaces both
+    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("start", "d1")]
     d2 = e.store.get("d2")
     assert (d2.status, d2.error_code, d2.current) == ("failed", "interrupted", False)
     back = e.store.get("d1")
@@ -206,11 +207,12 @@ def test_deploy_whose_new_unit_failed_is_cleaned_up(core_env: CoreEnv) -> None:
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
     e.fake.script(AGENT, ("exit", 3))
-    e.fake.start(unit_spec(e.cfg, launch))
+    _start_unit(e, launch)
     assert e.fake.settle(AGENT).active_state == "failed"
     report = e.restart_pard()
     assert report.interrupted == ["d2"] and report.restarted == [AGENT]
-    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("start", "d1")]
+    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("reset_failed", "d2"),
+                            ("start", "d1")]
     assert e.store.get("d1").status == "healthy"
 
 
@@ -236,3 +238,11 @@ def test_interrupted_stop_is_recorded_stopped(core_env: CoreEnv) -> None:
     d = e.store.get("d1")
     assert (d.status, d.desired_state, d.current) == ("stopped", "stopped", True)
     assert e.fake.ops() == []
+
+
+def _start_unit(e: CoreEnv, launch: AgentLaunch) -> None:
+    """What an earlier pard did to start `launch`'s unit (its sockets replaced), up to
+    the wait for READY it died in."""
+    spec = unit_spec(e.cfg, launch)
+    agent_sockets.start(e.fake, spec, agent_sockets.held_sockets(e.cfg, AGENT, launch.ports,
+                                                                 spec))

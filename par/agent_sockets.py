@@ -1,0 +1,154 @@
+"""The listening sockets systemd holds for an agent: `par-agent@<id>.socket`.
+
+Why: with the agent binding its own ports, a port was free for a moment at every
+restart, and another agent looping on bind() took it (docs/security.md, attack 6);
+SocketBindDeny= would stop that, but Debian 12's systemd is built without
+BPF_FRAMEWORK and does not enforce it.  So PID 1 holds the REST (and UI) listening
+sockets in a transient socket unit whose service is the agent's unit; the host
+adopts them (LISTEN_FDS, par_agent_host.listen_fds).  The port is then never free
+while the agent restarts, is killed and restarted by systemd, or is restarted by
+pard, and connections meanwhile wait in the backlog instead of being refused.
+
+How the two units live (every case measured on systemd 252):
+- The socket and the service are made in one StartTransientUnit (the front door's
+  `Systemd.start_socket`), then pard starts the service itself and waits for READY:
+  never lazily on a first connection.
+- An active socket pins its service: the stopped service stays loaded, and a
+  transient unit of that name cannot be made again.  So the socket's Description
+  carries a fingerprint of both units' properties: the same deployment starting
+  again (restart, reconcile) starts the loaded service again; anything else (a
+  redeploy, a rollback, new ports) replaces both.
+- Replacing: pard binds each port the old and the new socket share with
+  SO_REUSEPORT, without listening (`PortBridge`), stops the old socket and service,
+  makes the new ones (their sockets have `ReusePort=yes`, so they bind next to the
+  bridge), then lets go.  Only root can join a reuseport group root made, so no
+  agent can bind the port at any moment; connections in that gap are refused (a
+  bound socket that does not listen answers RST), which the front door retries.
+- Stopping the agent for good (stop, remove, purge) stops the socket first (no
+  connection can start the service again), then the service: the port is free.
+- A2A is not held: the agent's own gRPC code binds it (grpc cannot adopt a socket).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from par.config import Config
+from par.log import event
+from par.units import Systemd, UnitSpec, properties, socket_name
+
+# The surfaces whose sockets systemd holds, in the order their fds are passed.
+HELD_KINDS = ("rest", "ui")
+# Connections that wait while the agent restarts (the kernel caps it at somaxconn).
+BACKLOG = 4096
+# How long a replaced service may take to be forgotten by systemd (it is at once on 252).
+UNLOAD_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class HeldSockets:
+    """The socket unit of one agent's launch: its name, ports and D-Bus properties."""
+
+    name: str
+    bind_address: str
+    ports: tuple[int, ...]
+    tag: str  # "[<fingerprint>]", in the Description
+    props: dict[str, object]
+
+
+def listen_address(bind_address: str, port: int) -> str:
+    """`Listen=` spelling of an address and port ("127.0.0.1:8101", "[::1]:8101")."""
+    host = bind_address or "0.0.0.0"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def held_sockets(cfg: Config, agent_id: str, ports: dict[str, int],
+                 service: UnitSpec) -> HeldSockets:
+    """The socket unit holding `ports`' REST and UI sockets for `service`."""
+    bind = cfg.ports.bind_address
+    held = tuple(ports[k] for k in HELD_KINDS if k in ports)
+    listen = [("Stream", listen_address(bind, port)) for port in held]
+    text = repr(sorted(properties(service).items())) + repr(listen)
+    tag = f"[{hashlib.sha256(text.encode()).hexdigest()[:12]}]"
+    props: dict[str, object] = {
+        "Description": f"PAR agent {agent_id} listening sockets {tag}",
+        "Listen": listen,
+        # the host tells its sockets apart by their ports; the name is for sd_listen_fds
+        "FileDescriptorName": "par-agent",
+        "Backlog": BACKLOG,
+        # lets the next socket unit (and pard's bridge) bind the port while this one
+        # still holds it; only root, which made it, can join (see the module doc)
+        "ReusePort": True,
+        "CollectMode": "inactive-or-failed",
+    }
+    return HeldSockets(socket_name(agent_id), bind, held, tag, props)
+
+
+@contextmanager
+def port_bridge(bind_address: str, ports: set[int],
+                logger: logging.Logger | None = None) -> Iterator[list[int]]:
+    """Hold `ports` (bound with SO_REUSEPORT, not listening) while socket units are
+    replaced: no other user's process can bind them meanwhile.  Yields the ports held;
+    one that cannot be bound (something else has it) is logged and left out."""
+    held: list[socket.socket] = []
+    host = bind_address or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for port in sorted(ports):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                # SO_REUSEPORT only: with SO_REUSEADDR too, a non-listening socket would
+                # let another SO_REUSEADDR socket (any user's) bind next to it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                if logger is not None:
+                    event(logger, "Port not bridged", logging.WARNING, port=port,
+                          message=str(exc))
+                continue
+            held.append(sock)
+        yield [s.getsockname()[1] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def start(systemd: Systemd, spec: UnitSpec, held: HeldSockets,
+          logger: logging.Logger | None = None) -> None:
+    """Start the agent's service behind its socket unit; returns once systemd queued the
+    start (`Systemd.wait_active` for READY).  The caller has stopped the agent's service.
+
+    Same units as the active socket's (its fingerprint): the loaded service is started
+    again.  Otherwise both are replaced, the shared ports bridged meanwhile."""
+    load, active, description = systemd.unit_state(held.name)
+    if active == "active" and held.tag in description:
+        if systemd.status(spec.name).active_state == "failed":
+            systemd.reset_failed(spec.name)
+        # a connection since the stop may have started it already: then a no-op
+        systemd.start_unit(spec.name)
+        return
+    old_ports = systemd.listen_ports(held.name) if load != "not-found" else set()
+    with port_bridge(held.bind_address, old_ports & set(held.ports), logger):
+        # the socket first: once it is down no connection can start the old service
+        systemd.stop_socket(held.name)
+        # normally stopped by the caller already; again, should a connection have
+        # started it since
+        st = systemd.status(spec.name)
+        if st.active_state not in ("inactive", "failed"):
+            st = systemd.stop(spec.name, wait_s=spec.timeout_stop_s + 10, current=st)
+        if st.exists:
+            systemd.reset_failed(spec.name)
+            systemd.wait_unloaded(spec.name, UNLOAD_TIMEOUT_S)
+        systemd.start_socket(held.name, held.props, spec)
+        systemd.start_unit(spec.name)
+
+
+def release(systemd: Systemd, agent_id: str) -> None:
+    """Stop the agent's socket unit: its ports are free once the service stops too."""
+    systemd.stop_socket(socket_name(agent_id))
