@@ -34,11 +34,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from par.config import Config
+from par.errors import ParError
 from par.log import event
 from par.units import Systemd, UnitSpec, properties, socket_name
 
@@ -46,6 +48,8 @@ from par.units import Systemd, UnitSpec, properties, socket_name
 HELD_KINDS = ("rest", "ui")
 # Connections that wait while the agent restarts (the kernel caps it at somaxconn).
 BACKLOG = 4096
+# How long systemd may take to bind a new socket unit's ports.
+LISTEN_TIMEOUT_S = 10.0
 # How long a replaced service may take to be forgotten by systemd (it is at once on 252).
 UNLOAD_TIMEOUT_S = 5.0
 
@@ -146,7 +150,26 @@ def start(systemd: Systemd, spec: UnitSpec, held: HeldSockets,
             systemd.reset_failed(spec.name)
             systemd.wait_unloaded(spec.name, UNLOAD_TIMEOUT_S)
         systemd.start_socket(held.name, held.props, spec)
+        _wait_listening(systemd, held)
         systemd.start_unit(spec.name)
+
+
+def _wait_listening(systemd: Systemd, held: HeldSockets) -> None:
+    """Wait for the socket unit's start job: a port another process holds fails it, and
+    the service must not start then (it would bind the port itself, and fail)."""
+    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    while True:
+        load, active, _ = systemd.unit_state(held.name)
+        if active == "active":
+            return
+        if load == "not-found" or active == "failed" or time.monotonic() > deadline:
+            addresses = " ".join(f"{held.bind_address}:{port}" for port in held.ports)
+            systemd.stop_socket(held.name)
+            raise ParError("port_unavailable",
+                           f"systemd could not listen on {addresses} for {held.name} (is "
+                           f"another process using the port? journalctl -u {held.name})",
+                           None, 500)
+        time.sleep(0.01)
 
 
 def release(systemd: Systemd, agent_id: str) -> None:

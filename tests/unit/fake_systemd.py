@@ -111,6 +111,7 @@ class FakeSystemd(Systemd):
         self._lock = threading.RLock()
         self._units: dict[str, FakeUnit] = {}
         self._sockets: dict[str, tuple[dict[str, object], str]] = {}  # -> (props, service)
+        self.ports_in_use: set[int] = set()  # TEST HOOK: ports a socket unit cannot bind
         self._scripts: dict[str, deque[tuple[Outcome, tuple[str, ...]]]] = defaultdict(deque)
         self._stop_scripts: dict[str, deque[str]] = defaultdict(deque)
         self._journal: dict[str, list[tuple[float, str]]] = defaultdict(list)
@@ -212,6 +213,10 @@ class FakeSystemd(Systemd):
                 loaded = name if name in self._sockets else service.name
                 raise ParError("systemd_error", f"systemd call failed: Unit {loaded} was "
                                "already loaded or has a fragment file.", None, 500)
+            listen = socket_props.get("Listen", [])
+            assert isinstance(listen, list)
+            if any(int(a.rpartition(":")[2]) in self.ports_in_use for _k, a in listen):
+                return  # the socket's start failed: both units are collected at once
             self._sockets[name] = (dict(socket_props), service.name)
             self._units[service.name] = FakeUnit(spec=service, active_state="inactive",
                                                  sub_state="dead", since_usec=_now_usec())

@@ -146,3 +146,13 @@ def test_reconcile_restarts_a_dead_agent_behind_its_socket(core_env: CoreEnv) ->
     assert report.restarted == [AGENT]
     assert e.fake.ops("start_socket", "stop_socket") == []  # the same socket: started again
     assert agent_sockets.socket_name(AGENT) in e.fake.sockets()
+
+
+def test_a_port_systemd_cannot_bind_fails_the_start_before_the_service_runs(
+        core_env: CoreEnv) -> None:
+    e = core_env
+    e.fake.ports_in_use.add(e.cfg.ports.rest[0])  # another process has the agent's port
+    d = e.deploy("d1", e.package())
+    assert (d.status, d.error_code) == ("failed", "port_unavailable")
+    assert d.error_message is not None and SOCKET in d.error_message
+    assert e.fake.ops("start") == [] and e.fake.unit(AGENT) is None

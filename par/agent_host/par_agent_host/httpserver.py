@@ -50,8 +50,7 @@ class DrainingServer(socketserver.ThreadingTCPServer):
                 self.socket = listener
                 self.server_address = listener.getsockname()
         except BaseException:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            self.server_close()  # TCPServer may have called it already: it closes once
             raise
 
     def serve_forever(self, poll_interval: float | None = None) -> None:
@@ -76,11 +75,11 @@ class DrainingServer(socketserver.ThreadingTCPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        # once: a second close could hit an fd number reused meanwhile
         for fd in (self._wake_read, self._wake_write):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
+        self._wake_read = self._wake_write = -1
 
     def process_request(self, request, client_address) -> None:
         # Counted here, in the accept loop, so drain() cannot miss a just-accepted request.
