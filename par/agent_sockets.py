@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,34 +94,79 @@ def held_sockets(cfg: Config, agent_id: str, ports: dict[str, int],
     return HeldSockets(socket_name(agent_id), bind, held, tag, props)
 
 
+def _bind_bridge(bind_address: str, ports: set[int],
+                 logger: logging.Logger | None) -> list[socket.socket]:
+    """Sockets bound (SO_REUSEPORT, not listening) to `ports`; one that cannot be bound
+    (something else has it) is logged and left out."""
+    held: list[socket.socket] = []
+    host = bind_address or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in sorted(ports):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # SO_REUSEPORT only: with SO_REUSEADDR too, a non-listening socket would let
+            # another SO_REUSEADDR socket (any user's) bind next to it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            if logger is not None:
+                event(logger, "Port not bridged", logging.WARNING, port=port, message=str(exc))
+            continue
+        held.append(sock)
+    return held
+
+
 @contextmanager
 def port_bridge(bind_address: str, ports: set[int],
                 logger: logging.Logger | None = None) -> Iterator[list[int]]:
     """Hold `ports` (bound with SO_REUSEPORT, not listening) while socket units are
-    replaced: no other user's process can bind them meanwhile.  Yields the ports held;
-    one that cannot be bound (something else has it) is logged and left out."""
-    held: list[socket.socket] = []
-    host = bind_address or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    replaced: no other user's process can bind them meanwhile.  Yields the ports held."""
+    held = _bind_bridge(bind_address, ports, logger)
     try:
-        for port in sorted(ports):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                # SO_REUSEPORT only: with SO_REUSEADDR too, a non-listening socket would
-                # let another SO_REUSEADDR socket (any user's) bind next to it
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((host, port))
-            except OSError as exc:
-                sock.close()
-                if logger is not None:
-                    event(logger, "Port not bridged", logging.WARNING, port=port,
-                          message=str(exc))
-                continue
-            held.append(sock)
         yield [s.getsockname()[1] for s in held]
     finally:
         for sock in held:
             sock.close()
+
+
+# Bridges pard holds for agents whose socket unit it stopped while a start is to follow
+# (`park`); process memory: a pard that dies lets them go, and reconcile starts again.
+_parked: dict[str, list[socket.socket]] = {}
+_parked_lock = threading.Lock()
+
+
+def park(systemd: Systemd, agent_id: str, bind_address: str,
+         logger: logging.Logger | None = None) -> None:
+    """Hold the agent's ports with a bridge and stop its socket unit, until the next
+    `start` (or `release`).  Why: while a socket listens and its service is down, each
+    connection starts the service again; a new version that failed to start would
+    crash-loop on the callers' connections, an old one being replaced would boot again."""
+    name = socket_name(agent_id)
+    ports = systemd.listen_ports(name)
+    if not ports:
+        return
+    bridge = _bind_bridge(bind_address, ports, logger)
+    with _parked_lock:
+        _close(_parked.pop(agent_id, []))
+        _parked[agent_id] = bridge
+    systemd.stop_socket(name)
+
+
+def _unpark(agent_id: str) -> None:
+    with _parked_lock:
+        _close(_parked.pop(agent_id, []))
+
+
+def _close(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def parked(agent_id: str) -> list[int]:
+    """The ports pard holds for the agent while its socket unit is down (for tests)."""
+    with _parked_lock:
+        return [s.getsockname()[1] for s in _parked.get(agent_id, [])]
 
 
 def start(systemd: Systemd, spec: UnitSpec, held: HeldSockets,
@@ -151,7 +197,13 @@ def start(systemd: Systemd, spec: UnitSpec, held: HeldSockets,
             systemd.wait_unloaded(spec.name, UNLOAD_TIMEOUT_S)
         systemd.start_socket(held.name, held.props, spec)
         _wait_listening(systemd, held)
-        systemd.start_unit(spec.name)
+    _unpark(agent_of(held))  # the new socket listens: the parked bridge can go
+    systemd.start_unit(spec.name)
+
+
+def agent_of(held: HeldSockets) -> str:
+    """The agent id of a socket unit name."""
+    return held.name[len("par-agent@"):-len(".socket")]
 
 
 def _wait_listening(systemd: Systemd, held: HeldSockets) -> None:
@@ -173,5 +225,7 @@ def _wait_listening(systemd: Systemd, held: HeldSockets) -> None:
 
 
 def release(systemd: Systemd, agent_id: str) -> None:
-    """Stop the agent's socket unit: its ports are free once the service stops too."""
+    """Stop the agent's socket unit (and a parked bridge): its ports are free once the
+    service stops too."""
     systemd.stop_socket(socket_name(agent_id))
+    _unpark(agent_id)

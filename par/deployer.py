@@ -220,7 +220,8 @@ class Deployer:
         # only a previous deployment that was serving is brought back on failure
         was_serving = previous is not None and unit.active_state == "active"
         if previous is not None:
-            unit = pipeline.stop_deployment(core, previous, current=unit)
+            # another deployment's units follow: pard holds the ports meanwhile
+            unit = pipeline.stop_deployment(core, previous, current=unit, park=True)
             store.add_event(did, agent, "Stopped previous deployment",
                             previous=previous.deployment_id)
         try:

@@ -212,7 +212,8 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
     if st.active_state == "active":
         return st
     reason = failure_reason(st, core.cfg.agents.boot_timeout_s, since=started)
-    stop(core, launch.agent_id, 5)
+    # the ports stay held, but no caller's connection may start this version again
+    stop(core, launch.agent_id, 5, park=True)
     core.systemd.reset_failed(spec.name)
     env_file_path(core.cfg, launch.agent_id).unlink(missing_ok=True)  # a rollback rewrites it
     raise ParError("agent_start_failed", reason, None, 500)
@@ -221,16 +222,20 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
 # ---------------------------------------------------------------- stop
 
 
-def stop(core: Core, agent: str, timeout_s: float,
-         current: UnitStatus | None = None, release: bool = False) -> UnitStatus:
+def stop(core: Core, agent: str, timeout_s: float, current: UnitStatus | None = None,
+         release: bool = False, park: bool = False) -> UnitStatus:
     """Stop the agent's unit (SIGTERM, SIGKILL after `timeout_s`) and forget a failed
     state; its status afterwards.
 
-    The socket unit keeps the ports (a start follows: restart, redeploy) unless
-    `release`: then it goes first, so no connection can start the service again."""
+    The agent's socket unit keeps the ports (a restart of the same deployment follows),
+    unless `park` (another deployment starts next: pard holds the ports, the socket goes)
+    or `release` (the ports go).  Either way the socket goes first, so no connection
+    starts the service again (par.agent_sockets)."""
     name = unit_name(agent)
     if release:
         agent_sockets.release(core.systemd, agent)
+    elif park:
+        agent_sockets.park(core.systemd, agent, core.cfg.ports.bind_address, core.logger)
     st = core.systemd.stop(name, wait_s=timeout_s + JOB_GRACE_S, current=current)
     if st.exists and st.active_state == "failed":
         core.systemd.reset_failed(name)
@@ -239,11 +244,11 @@ def stop(core: Core, agent: str, timeout_s: float,
 
 
 def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None,
-                    release: bool = False) -> UnitStatus:
+                    release: bool = False, park: bool = False) -> UnitStatus:
     """`stop` with the deployment's own stop timeout."""
     requested = from_stored(d.full_request()).stop_timeout_s
     return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current,
-                release)
+                release, park)
 
 
 def release_if_idle(core: Core, agent: str) -> None:

@@ -90,8 +90,11 @@ def test_a_redeploy_replaces_the_socket_on_the_same_ports(core_env: CoreEnv) -> 
     d1 = deployed(e)
     d2 = e.deploy("d2", e.package("p-2", "2.0.0"), version="2.0.0")
     assert d2.status == "healthy" and d2.ports == d1.ports
+    # the socket goes before the service (parked: pard holds the port), so no
+    # connection starts d1 again; then d2's socket and service
     assert e.fake.ops("stop", "stop_socket", "start_socket", "start") == [
-        ("stop", "d1"), ("stop_socket", None), ("start_socket", "d2"), ("start", "d2")]
+        ("stop_socket", None), ("stop", "d1"), ("start_socket", "d2"), ("start", "d2")]
+    assert agent_sockets.parked(AGENT) == []  # let go once d2's socket listened
     props = e.fake.sockets()[SOCKET]
     unit = e.fake.unit(AGENT)
     assert unit is not None and unit.spec.environment["DEPLOYMENT_ID"] == "d2"
@@ -126,6 +129,7 @@ def test_a_failed_redeploy_rolls_back_behind_a_socket(core_env: CoreEnv) -> None
     unit = e.fake.unit(AGENT)
     assert unit is not None and unit.active_state == "active"
     assert unit.spec.environment["DEPLOYMENT_ID"] == "d1" and SOCKET in e.fake.sockets()
+    assert agent_sockets.parked(AGENT) == []
 
 
 def test_reconcile_releases_the_socket_of_a_stopped_agent(core_env: CoreEnv) -> None:
