@@ -137,16 +137,17 @@ _parked_lock = threading.Lock()
 
 
 def park(systemd: Systemd, agent_id: str, bind_address: str,
-         logger: logging.Logger | None = None) -> None:
+         logger: logging.Logger | None = None, ports: set[int] | None = None) -> None:
     """Hold the agent's ports with a bridge and stop its socket unit, until the next
     `start` (or `release`).  Why: while a socket listens and its service is down, each
     connection starts the service again; a new version that failed to start would
     crash-loop on the callers' connections, an old one being replaced would boot again."""
     name = socket_name(agent_id)
-    ports = systemd.listen_ports(name)
-    if not ports:
+    # `ports` too: a socket that failed meanwhile (its service's start limit) is gone
+    held = systemd.listen_ports(name) | (ports or set())
+    if not held:
         return
-    bridge = _bind_bridge(bind_address, ports, logger)
+    bridge = _bind_bridge(bind_address, held, logger)
     with _parked_lock:
         _close(_parked.pop(agent_id, []))
         _parked[agent_id] = bridge

@@ -213,7 +213,9 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
         return st
     reason = failure_reason(st, core.cfg.agents.boot_timeout_s, since=started)
     # the ports stay held, but no caller's connection may start this version again
-    stop(core, launch.agent_id, 5, park=True)
+    agent_sockets.park(core.systemd, launch.agent_id, core.cfg.ports.bind_address,
+                       core.logger, set(held.ports))
+    stop(core, launch.agent_id, 5)
     core.systemd.reset_failed(spec.name)
     env_file_path(core.cfg, launch.agent_id).unlink(missing_ok=True)  # a rollback rewrites it
     raise ParError("agent_start_failed", reason, None, 500)

@@ -17,7 +17,7 @@ import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pystemd.dbuslib import DBus, apply_signature, path_encode
@@ -231,6 +231,7 @@ class UnitStatus:
     exec_main_status: int
     since_usec: int  # state change timestamp, microseconds since the epoch (0 = never)
     status_text: str
+    invocation: str = ""  # InvocationID: a new one for each run of the main process
 
     @property
     def exists(self) -> bool:
@@ -386,10 +387,19 @@ class Systemd:
           between the two reads cannot be missed).
         """
         failed_attempt: UnitStatus | None = None
+        first: UnitStatus | None = None
         with self._watch(name) as changes:
             for bus in changes(timeout):
                 pending = _job_pending(bus, name)
                 st = _read_status(bus, name)
+                first = first or (st if st.invocation else None)
+                if first is not None and st.invocation not in ("", first.invocation) and \
+                        st.n_restarts == first.n_restarts:
+                    # Run again, yet not by Restart=: the run that was waited for failed
+                    # and a connection to the unit's socket started it again
+                    # (par.agent_sockets).  What ended it is in the journal.
+                    return replace(st, active_state="failed", sub_state="failed",
+                                   result="exit-code" if st.result == "success" else st.result)
                 if st.sub_state == "auto-restart" or (
                         st.active_state == "deactivating" and st.result not in ("", "success")):
                     failed_attempt = st
@@ -577,7 +587,7 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
         raise
     unit = {prop: _get(bus, name, b"Unit", prop.encode(), sig)
             for prop, sig in (("ActiveState", b"s"), ("SubState", b"s"),
-                              ("StateChangeTimestamp", b"t"))}
+                              ("StateChangeTimestamp", b"t"), ("InvocationID", b"ay"))}
     svc = {prop: _get(bus, name, b"Service", prop.encode(), sig)
            for prop, sig in (("MainPID", b"u"), ("NRestarts", b"u"), ("Result", b"s"),
                              ("ExecMainStatus", b"i"), ("StatusText", b"s"))}
@@ -592,6 +602,7 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
         exec_main_status=int(svc["ExecMainStatus"]),
         since_usec=int(unit["StateChangeTimestamp"]),
         status_text=_s(svc["StatusText"]),
+        invocation=bytes(unit["InvocationID"] or b"").hex(),
     )
 
 
