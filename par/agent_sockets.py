@@ -179,8 +179,10 @@ def start(systemd: Systemd, spec: UnitSpec, held: HeldSockets,
     again.  Otherwise both are replaced, the shared ports bridged meanwhile."""
     load, active, description = systemd.unit_state(held.name)
     if active == "active" and held.tag in description:
-        if systemd.status(spec.name).active_state == "failed":
-            systemd.reset_failed(spec.name)
+        # Also resets the start rate limit, which counts pard's starts of this loaded
+        # unit too: a new transient unit started with a fresh one, and an operator's
+        # sixth restart within a minute must not be refused (start-limit-hit).
+        systemd.reset_failed(spec.name)
         # a connection since the stop may have started it already: then a no-op
         systemd.start_unit(spec.name)
         return

@@ -230,7 +230,8 @@ class FakeSystemd(Systemd):
                                None, 500)
             if unit.active_state in ("active", "activating", "reloading"):
                 return  # StartUnit on a started unit: nothing to do
-            unit.attempts, unit.n_restarts = 0, 0
+            # NRestarts starts again; the start limit does not (reset_failed resets it)
+            unit.n_restarts = 0
             self._enter(name, unit, "activating", "start", "success", 0)
             self._say(name, f"Starting {unit.spec.description}...")
             agent = _agent(name)
@@ -469,6 +470,7 @@ class FakeSystemd(Systemd):
         if unit is None:
             return
         if unit.active_state in ("failed", "inactive"):
+            unit.attempts = 0  # the start limit too (a pinned unit stays loaded)
             if unit.active_state == "failed":
                 self._enter(name, unit, "inactive", "dead", unit.result, unit.exec_main_status)
             self._collect(name)  # reset, unreferenced: collected

@@ -56,9 +56,19 @@ def test_restart_stops_then_starts(core_env: CoreEnv) -> None:
     deployed(e)
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     assert e.actions.act(AGENT, "restart").status == "healthy"
-    assert e.fake.ops() == [("stop", "d1"), ("start", "d1")]
+    # the same unit behind the same socket, its start limit reset (as a new unit's is)
+    assert e.fake.ops() == [("stop", "d1"), ("reset_failed", "d1"), ("start", "d1")]
     st = e.fake.status("par-agent@agent-a.service")
     assert st.active_state == "active" and st.main_pid != pid
+
+
+def test_many_restarts_in_a_row_are_not_refused_by_the_start_limit(core_env: CoreEnv) -> None:
+    """Found by test_bounded_inputs: the loaded unit behind a kept socket counts every
+    start towards StartLimitBurst, so the sixth restart within a minute failed."""
+    e = core_env
+    deployed(e)
+    for _ in range(e.cfg.agents.start_limit_burst + 2):
+        assert e.actions.act(AGENT, "restart").status == "healthy"
 
 
 def test_restart_that_fails_marks_the_deployment_failed(core_env: CoreEnv) -> None:
