@@ -412,11 +412,18 @@ class Systemd:
         return failed_attempt or st
 
     def wait_inactive(self, name: str, timeout: float) -> UnitStatus:
-        """Wait until the unit is inactive, failed or unloaded, or `timeout`."""
+        """Wait until the unit is inactive, failed or unloaded, or `timeout`.
+
+        Also ends when the unit runs again (a new InvocationID): the run waited for has
+        ended, and a connection to the unit's socket started the next one at once
+        (par.agent_sockets), so "inactive" may never be seen."""
+        first = ""
         with self._watch(name) as changes:
             for bus in changes(timeout):
                 st = _read_status(bus, name)
-                if st.active_state in ("inactive", "failed"):
+                first = first or st.invocation
+                if st.active_state in ("inactive", "failed") or \
+                        st.invocation not in ("", first):
                     return st
         return st
 
