@@ -24,6 +24,10 @@ How the two units live (every case measured on systemd 252):
   bridge), then lets go.  Only root can join a reuseport group root made, so no
   agent can bind the port at any moment; connections in that gap are refused (a
   bound socket that does not listen answers RST), which the front door retries.
+- A listening socket whose service is down starts it on the next connection.  So
+  when another deployment follows (a redeploy, after a failed start), the socket is
+  stopped first and pard holds the ports with a bridge until the next socket listens
+  (`park`); a restart of the same deployment keeps the socket (and its backlog).
 - Stopping the agent for good (stop, remove, purge) stops the socket first (no
   connection can start the service again), then the service: the port is free.
 - A2A is not held: the agent's own gRPC code binds it (grpc cannot adopt a socket).
