@@ -81,7 +81,8 @@ class Actions:
     def _stop(self, d: Deployment) -> None:
         store = self.core.store
         store.update(d.deployment_id, desired_state="stopped", status="stopping")
-        pipeline.stop_deployment(self.core, d)
+        # the ports go too: a held socket would start the agent on the next connection
+        pipeline.stop_deployment(self.core, d, release=True)
         store.update(d.deployment_id, status="stopped")
 
     def _start(self, d: Deployment, restart: bool) -> None:
@@ -105,6 +106,7 @@ class Actions:
                 pipeline.start(core, launch)
         except ParError as exc:
             store.fail(d.deployment_id, exc.code, exc.message, exc.field)
+            pipeline.release_if_idle(core, d.agent_app_id)
             raise
         store.update(d.deployment_id, status="healthy", error_code=None,
                      error_message=None, error_field=None)
@@ -152,9 +154,11 @@ class Actions:
             d = store.get(d.deployment_id)
             already = d.status == "removed"
             if d.current:
-                pipeline.stop_deployment(core, d)
+                pipeline.stop_deployment(core, d, release=True)
                 env_file_path(core.cfg, agent).unlink(missing_ok=True)
                 store.clear_current(agent)
+            # a socket left by a failed start of a deployment no longer current goes too
+            pipeline.release_if_idle(core, agent)
             if not already:
                 store.update(d.deployment_id, desired_state="removed", status="removed")
                 store.add_event(d.deployment_id, agent, "Deployment removed", purge=purge)

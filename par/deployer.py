@@ -228,7 +228,8 @@ class Deployer:
         # only a previous deployment that was serving is brought back on failure
         was_serving = previous is not None and unit.active_state == "active"
         if previous is not None:
-            unit = pipeline.stop_deployment(core, previous, current=unit)
+            # another deployment's units follow: pard holds the ports meanwhile
+            unit = pipeline.stop_deployment(core, previous, current=unit, park=True)
             store.add_event(did, agent, "Stopped previous deployment",
                             previous=previous.deployment_id)
         try:
@@ -236,6 +237,8 @@ class Deployer:
         except ParError:
             if previous is not None and was_serving:
                 self._roll_back(did, previous)
+            # nothing serves (no rollback, or it failed): the held ports go
+            pipeline.release_if_idle(core, agent)
             raise
         # current first: a client that sees `healthy` must also see it current (a pard
         # killed in between leaves it `starting` with its unit up: reconcile finishes it)

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import sys
 import threading
-import time
 from pathlib import Path
 
 import par
@@ -193,25 +192,15 @@ def ensure_units(cfg: Config, systemd: Systemd, logger: logging.Logger) -> str:
 def _socket_state(systemd: Systemd) -> tuple[str, str]:
     """The socket unit's ActiveState ("not-found" when systemd does not know it) and
     Description (the version and settings it was made with)."""
-    def read(prop: str) -> str:
-        value = systemd.property(FRONT_SOCKET, "Unit", prop)
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    if read("LoadState") == "not-found":
-        return "not-found", ""
-    return read("ActiveState"), read("Description")
+    load, active, description = systemd.unit_state(FRONT_SOCKET)
+    return ("not-found", "") if load == "not-found" else (active, description)
 
 
 def remove_units(systemd: Systemd) -> None:
     """Stop and forget both units."""
     systemd.stop(FRONT_SERVICE, wait_s=STOP_TIMEOUT_S + 5)
     systemd.reset_failed(FRONT_SERVICE)
-    if _socket_state(systemd)[0] == "not-found":
-        return
-    systemd.stop_unit(FRONT_SOCKET)
-    deadline = time.monotonic() + 10
-    while _socket_state(systemd)[0] not in ("inactive", "failed", "not-found"):
-        if time.monotonic() > deadline:
-            raise ParError("front_failed", f"{FRONT_SOCKET} did not stop")
-        time.sleep(0.05)
-    systemd.reset_failed(FRONT_SOCKET)
+    try:
+        systemd.stop_socket(FRONT_SOCKET)
+    except ParError as exc:
+        raise ParError("front_failed", exc.message) from exc

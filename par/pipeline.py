@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from par import agent_env, agent_state, layout, loopback
+from par import agent_env, agent_sockets, agent_state, layout, loopback
 from par import ports as portalloc
 from par.agent_unit import (
     AgentLaunch,
@@ -56,6 +56,8 @@ class Core:
     venvs: VenvManager
     logger: logging.Logger
     host_dir: Path  # the compiled agent host units run (par.host_files)
+    # ports pard holds for agents between two socket units (par.agent_sockets)
+    parked: agent_sockets.ParkedPorts = field(default_factory=agent_sockets.ParkedPorts)
 
 
 @dataclass(frozen=True)
@@ -190,24 +192,32 @@ def launch(core: Core, req: DeployRequest, pkg: LoadedPackage, venv_path: Path,
 
 
 def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) -> UnitStatus:
-    """Start the agent's unit and wait for READY=1; on failure raise `agent_start_failed`
-    with the reason, leaving no unit behind.
+    """Start the agent's unit behind its socket unit (par.agent_sockets) and wait for
+    READY=1; on failure raise `agent_start_failed` with the reason, the service stopped
+    (the socket stays: a rollback starts on the same ports; `release_if_idle` after).
 
     `current`: the unit's status if the caller just read it."""
     # read at each start: the resolvers an isolated agent keeps follow /etc/resolv.conf
     resolvers = loopback.read_resolvers()[0] if core.cfg.agents.isolate_loopback else []
     spec = unit_spec(core.cfg, launch, resolvers)
+    held = agent_sockets.held_sockets(core.cfg, launch.agent_id, launch.ports, spec)
     current_org = getattr(core.store.current(launch.agent_id), "org_id", launch.org_id)
     if current_org == launch.org_id:  # a pre-0.x state folder is that org's, no other's
         agent_state.migrate_legacy(launch.agent_id, launch.org_id)
     write_host_spec(launch)  # what the host serves (unchanged ones are not rewritten)
     write_env_file(core.cfg, launch)  # its secrets, read by PID 1 at every (re)start
     started = time.time()
-    core.systemd.start(spec, current)
+    if current is not None and current.active_state in ("active", "activating", "reloading",
+                                                        "deactivating"):
+        raise ParError("unit_exists", f"{spec.name} is already {current.active_state}",
+                       None, 409)
+    agent_sockets.start(core.systemd, spec, held, core.parked, core.logger)
     st = core.systemd.wait_active(spec.name, timeout=spec.timeout_start_s + JOB_GRACE_S)
     if st.active_state == "active":
         return st
     reason = failure_reason(st, core.cfg.agents.boot_timeout_s, since=started)
+    # the ports stay held, but no caller's connection may start this version again
+    core.parked.park(core.systemd, launch.agent_id, core.logger, held.addresses)
     stop(core, launch.agent_id, 5)
     core.systemd.reset_failed(spec.name)
     env_file_path(core.cfg, launch.agent_id).unlink(missing_ok=True)  # a rollback rewrites it
@@ -217,11 +227,20 @@ def start(core: Core, launch: AgentLaunch, current: UnitStatus | None = None) ->
 # ---------------------------------------------------------------- stop
 
 
-def stop(core: Core, agent: str, timeout_s: float,
-         current: UnitStatus | None = None) -> UnitStatus:
+def stop(core: Core, agent: str, timeout_s: float, current: UnitStatus | None = None,
+         release: bool = False, park: bool = False) -> UnitStatus:
     """Stop the agent's unit (SIGTERM, SIGKILL after `timeout_s`) and forget a failed
-    state; its status afterwards."""
+    state; its status afterwards.
+
+    The agent's socket unit keeps the ports (a restart of the same deployment follows),
+    unless `park` (another deployment starts next: pard holds the ports, the socket goes)
+    or `release` (the ports go).  Either way the socket goes first, so no connection
+    starts the service again (par.agent_sockets)."""
     name = unit_name(agent)
+    if release:
+        agent_sockets.release(core.systemd, agent, core.parked)
+    elif park:
+        core.parked.park(core.systemd, agent, core.logger)
     st = core.systemd.stop(name, wait_s=timeout_s + JOB_GRACE_S, current=current)
     if st.exists and st.active_state == "failed":
         core.systemd.reset_failed(name)
@@ -229,10 +248,20 @@ def stop(core: Core, agent: str, timeout_s: float,
     return st
 
 
-def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None) -> UnitStatus:
+def stop_deployment(core: Core, d: Deployment, current: UnitStatus | None = None,
+                    release: bool = False, park: bool = False) -> UnitStatus:
     """`stop` with the deployment's own stop timeout."""
     requested = from_stored(d.full_request()).stop_timeout_s
-    return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current)
+    return stop(core, d.agent_app_id, effective_stop_timeout(core.cfg, requested), current,
+                release, park)
+
+
+def release_if_idle(core: Core, agent: str) -> None:
+    """Free the agent's ports when its service is not running (a start failed and
+    nothing was rolled back): a held socket would start it on the next connection."""
+    st = core.systemd.status(unit_name(agent))
+    if st.active_state not in ("active", "activating", "reloading"):
+        agent_sockets.release(core.systemd, agent, core.parked)
 
 
 # ---------------------------------------------------------------- relaunch

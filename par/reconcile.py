@@ -24,7 +24,7 @@ from par.deployment import Deployment
 from par.errors import ParError
 from par.log import event
 from par.pipeline import Core
-from par.units import Systemd, agent_id_of, unit_name
+from par.units import SOCKET_SUFFIX, Systemd, agent_id_of, unit_name
 
 
 @dataclass
@@ -100,6 +100,7 @@ def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
                             pid=st.main_pid)
             report.restarted.append(d.agent_app_id)
         except ParError as exc:
+            pipeline.release_if_idle(core, d.agent_app_id)
             store.fail(d.deployment_id, exc.code,
                        f"could not start after daemon restart: {exc.message}")
             store.add_event(d.deployment_id, d.agent_app_id, "Reconcile failed", code=exc.code,
@@ -112,6 +113,7 @@ def reconcile(core: Core, locks: AgentLocks) -> ReconcileReport:
             report.unknown_units.append(unit)
             event(logger, "Unknown agent unit", logging.WARNING, unit=unit,
                   hint="not started by this pard's store; left running")
+    _release_idle_sockets(core, locks, report)
     event(logger, "Reconcile done", adopted=len(report.adopted), restarted=len(report.restarted),
           failed=len(report.failed), interrupted=len(report.interrupted),
           unknown=len(report.unknown_units))
@@ -123,6 +125,25 @@ def _listens_elsewhere(core: Core, d: Deployment, unit: str) -> bool:
     now (`agents.isolate_loopback` changed since it started; par.loopback)."""
     found = _unit_env(core.systemd, unit, "PAR_BIND_ADDRESS")
     return found is not None and found != loopback.bind_address(core.cfg, d.ports)
+
+
+def _release_idle_sockets(core: Core, locks: AgentLocks, report: ReconcileReport) -> None:
+    """Stop the socket units of known agents that should not run (stopped, failed, removed
+    while pard was down): a held socket would start them on the next connection.  Those of
+    agents the store does not know are reported, like their services."""
+    running = {d.agent_app_id for d in core.store.currents() if d.desired_state == "running"}
+    for unit in core.systemd.list_agent_units(SOCKET_SUFFIX):
+        agent = agent_id_of(unit, SOCKET_SUFFIX)
+        if agent is None or agent in running:
+            continue
+        if not core.store.deployments(agent_app_id=agent):
+            report.unknown_units.append(unit)
+            event(core.logger, "Unknown agent unit", logging.WARNING, unit=unit,
+                  hint="not started by this pard's store; left running")
+            continue
+        with locks.of(agent):
+            pipeline.release_if_idle(core, agent)
+        event(core.logger, "Released idle agent sockets", agentAppId=agent, unit=unit)
 
 
 def _unit_deployment(systemd: Systemd, unit: str) -> str | None:

@@ -17,7 +17,7 @@ import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pystemd.dbuslib import DBus, apply_signature, path_encode
@@ -31,6 +31,8 @@ from par.unit_signatures import EXTRA_SIGNATURES
 
 UNIT_PREFIX = "par-agent@"
 UNIT_SUFFIX = ".service"
+# The agent's listening sockets, held by systemd (par.agent_sockets).
+SOCKET_SUFFIX = ".socket"
 
 SIGNATURES: dict[bytes, object] = {**KNOWN_UNIT_SIGNATURES, **EXTRA_SIGNATURES}
 
@@ -39,11 +41,17 @@ def unit_name(agent_id: str) -> str:
     return f"{UNIT_PREFIX}{ids.agent_id(agent_id)}{UNIT_SUFFIX}"
 
 
-def agent_id_of(unit: str) -> str | None:
-    """The agent id in a `par-agent@<id>.service` name, or None for other units."""
-    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX):
-        return unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)]
+def agent_id_of(unit: str, suffix: str = UNIT_SUFFIX) -> str | None:
+    """The agent id in a `par-agent@<id>.service` name (`.socket` with that `suffix`), or
+    None for other units."""
+    if unit.startswith(UNIT_PREFIX) and unit.endswith(suffix):
+        return unit[len(UNIT_PREFIX) : -len(suffix)]
     return None
+
+
+def socket_name(agent_id: str) -> str:
+    """`par-agent@<agent_id>.socket`: the socket unit holding the agent's ports."""
+    return f"{UNIT_PREFIX}{ids.agent_id(agent_id)}{SOCKET_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,7 @@ class UnitStatus:
     exec_main_status: int
     since_usec: int  # state change timestamp, microseconds since the epoch (0 = never)
     status_text: str
+    invocation: str = ""  # InvocationID: a new one for each run of the main process
 
     @property
     def exists(self) -> bool:
@@ -300,6 +309,53 @@ class Systemd:
         with self._bus() as bus:
             bus.call_method(_DEST, _MANAGER_PATH, _MANAGER, b"StartTransientUnit", args)
 
+    def unit_state(self, name: str) -> tuple[str, str, str]:
+        """(LoadState, ActiveState, Description) of a unit of any type (a socket, say);
+        ("not-found", "inactive", "") for one systemd does not know."""
+        with self._bus() as bus:
+            try:
+                load = _s(_get(bus, name, b"Unit", b"LoadState", b"s"))
+            except Exception:
+                return "not-found", "inactive", ""
+            if load == "not-found":
+                return load, "inactive", ""
+            return (load, _s(_get(bus, name, b"Unit", b"ActiveState", b"s")),
+                    _s(_get(bus, name, b"Unit", b"Description", b"s")))
+
+    def listen_addresses(self, name: str) -> set[tuple[str, int]]:
+        """The TCP (host, port) pairs a socket unit listens on (its `Listen=`); empty when
+        not loaded."""
+        with self._bus() as bus:
+            try:
+                listen = _get(bus, name, b"Socket", b"Listen", b"a(ss)")
+            except Exception:
+                return set()
+        return {parsed for kind, address in listen
+                if _s(kind) == "Stream" and (parsed := listen_host_port(_s(address)))}
+
+    def stop_socket(self, name: str, timeout: float = 10) -> None:
+        """Stop a socket unit (systemd closes its listening sockets; a service still running
+        keeps its own copies), wait until it is down, and forget a failed state."""
+        if self.unit_state(name)[0] == "not-found":
+            return
+        self.stop_unit(name)
+        deadline = time.monotonic() + timeout
+        while self.unit_state(name)[1] not in ("inactive", "failed"):
+            if time.monotonic() > deadline:
+                raise ParError("systemd_error", f"{name} did not stop", None, 500)
+            time.sleep(0.01)
+        self.reset_failed(name)
+
+    def wait_unloaded(self, name: str, timeout: float) -> bool:
+        """Wait until systemd has forgotten the unit (garbage-collected it): a transient
+        unit's name can be started again only then.  True when it is gone."""
+        deadline = time.monotonic() + timeout
+        while self.unit_state(name)[0] != "not-found":
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def start_unit(self, name: str, restart: bool = False) -> None:
         """Start (or restart) a loaded unit; returns once systemd queued the job."""
         with self._bus() as bus:
@@ -328,10 +384,19 @@ class Systemd:
           between the two reads cannot be missed).
         """
         failed_attempt: UnitStatus | None = None
+        first: UnitStatus | None = None
         with self._watch(name) as changes:
             for bus in changes(timeout):
                 pending = _job_pending(bus, name)
                 st = _read_status(bus, name)
+                first = first or (st if st.invocation else None)
+                if first is not None and st.invocation not in ("", first.invocation) and \
+                        st.n_restarts == first.n_restarts:
+                    # Run again, yet not by Restart=: the run that was waited for failed
+                    # and a connection to the unit's socket started it again
+                    # (par.agent_sockets).  What ended it is in the journal.
+                    return replace(st, active_state="failed", sub_state="failed",
+                                   result="exit-code" if st.result == "success" else st.result)
                 if st.sub_state == "auto-restart" or (
                         st.active_state == "deactivating" and st.result not in ("", "success")):
                     failed_attempt = st
@@ -344,11 +409,18 @@ class Systemd:
         return failed_attempt or st
 
     def wait_inactive(self, name: str, timeout: float) -> UnitStatus:
-        """Wait until the unit is inactive, failed or unloaded, or `timeout`."""
+        """Wait until the unit is inactive, failed or unloaded, or `timeout`.
+
+        Also ends when the unit runs again (a new InvocationID): the run waited for has
+        ended, and a connection to the unit's socket started the next one at once
+        (par.agent_sockets), so "inactive" may never be seen."""
+        first = ""
         with self._watch(name) as changes:
             for bus in changes(timeout):
                 st = _read_status(bus, name)
-                if st.active_state in ("inactive", "failed"):
+                first = first or st.invocation
+                if st.active_state in ("inactive", "failed") or \
+                        st.invocation not in ("", first):
                     return st
         return st
 
@@ -448,10 +520,10 @@ class Systemd:
                            500) from exc
         return out
 
-    def list_agent_units(self) -> list[str]:
-        """Names of every loaded `par-agent@*.service` unit."""
+    def list_agent_units(self, suffix: str = UNIT_SUFFIX) -> list[str]:
+        """Names of every loaded `par-agent@*.service` unit (`*.socket` with that `suffix`)."""
         with self._manager() as manager:
-            pattern = f"{UNIT_PREFIX}*{UNIT_SUFFIX}".encode()
+            pattern = f"{UNIT_PREFIX}*{suffix}".encode()
             units = manager.Manager.ListUnitsByPatterns([], [pattern])
         return sorted(_s(u[0]) for u in units)
 
@@ -519,7 +591,7 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
         raise
     unit = {prop: _get(bus, name, b"Unit", prop.encode(), sig)
             for prop, sig in (("ActiveState", b"s"), ("SubState", b"s"),
-                              ("StateChangeTimestamp", b"t"))}
+                              ("StateChangeTimestamp", b"t"), ("InvocationID", b"ay"))}
     svc = {prop: _get(bus, name, b"Service", prop.encode(), sig)
            for prop, sig in (("MainPID", b"u"), ("NRestarts", b"u"), ("Result", b"s"),
                              ("ExecMainStatus", b"i"), ("StatusText", b"s"))}
@@ -534,12 +606,22 @@ def _read_status(bus: DBus, name: str) -> UnitStatus:
         exec_main_status=int(svc["ExecMainStatus"]),
         since_usec=int(unit["StateChangeTimestamp"]),
         status_text=_s(svc["StatusText"]),
+        invocation=bytes(unit["InvocationID"] or b"").hex(),
     )
 
 
 def _cgroup_pids(bus: DBus, name: str, main_pid: int) -> list[int]:
     """PIDs in the unit's cgroup (falls back to the main process and its children)."""
     return pids_in(_s(_get(bus, name, b"Service", b"ControlGroup", b"s")), main_pid)
+
+
+def listen_host_port(address: str) -> tuple[str, int] | None:
+    """("127.0.0.1", 8101) of a `Listen=` address "127.0.0.1:8101" or "[::1]:8101"; None
+    for anything else (a path, a bare port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
 
 
 def _bind(entry: str) -> tuple[str, str]:

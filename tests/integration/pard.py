@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from par.client import Client
-from par.units import Systemd
+from par.units import SOCKET_SUFFIX, Systemd
 from tests.conftest import REPO, require_file
 from tests.httpfiles import serve_files  # noqa: F401  (used by the integration tests)
 
@@ -214,6 +214,9 @@ class Pard:
         self.stop()
         systemd = Systemd()
         for unit in ("par-front.service", "par-front.socket"):
+            sh("systemctl", "stop", unit, check=False)
+            sh("systemctl", "reset-failed", unit, check=False)
+        for unit in systemd.list_agent_units(SOCKET_SUFFIX):  # first: nothing restarts
             sh("systemctl", "stop", unit, check=False)
             sh("systemctl", "reset-failed", unit, check=False)
         for unit in systemd.list_agent_units():

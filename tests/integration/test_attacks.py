@@ -8,17 +8,21 @@ agent's own user.  Ids start with `atk-`.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import textwrap
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from par import agent_isolation, loopback
+from par import loopback
 from par.client import ApiError
+from par.units import Systemd
 from tests.integration.pard import (
     TEST_TOKEN,
     Pard,
@@ -37,11 +41,37 @@ from . import agents
 DENIED_TEST_ADDRESS = "127.0.0.77"
 
 ATTACKER_MAIN = textwrap.dedent('''
-    import os, socket
+    import os, socket, threading, time
+
+    def _bind_loop(port, seconds):
+        """Take `port` the moment it is free, every way an unprivileged process can."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until and not _won:
+            for opts in ((socket.SO_REUSEADDR,), (socket.SO_REUSEPORT,), ()):
+                s = socket.socket()
+                try:
+                    for opt in opts:
+                        s.setsockopt(socket.SOL_SOCKET, opt, 1)
+                    s.bind(("127.0.0.1", port))
+                    s.listen()
+                except OSError:
+                    s.close()
+                    _tries[0] += 1
+                    continue
+                _won.append(repr(opts))
+                _held.append(s)
+                return
+            time.sleep(0.0002)
 
     def handler(ctx):
         op = ctx.get("op")
         try:
+            if op == "bindloop":
+                threading.Thread(target=_bind_loop, args=(int(ctx["port"]), float(ctx["seconds"])),
+                                 daemon=True).start()
+                return {"ok": True}
+            if op == "bindstatus":
+                return {"ok": True, "won": list(_won), "tries": _tries[0]}
             if op == "bind":
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,6 +107,8 @@ ATTACKER_MAIN = textwrap.dedent('''
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     _held = []
+    _won = []
+    _tries = [0]
 ''')
 
 
@@ -222,28 +254,88 @@ def test_attack_8_isolated_agents_reach_each_other_only_through_the_front_door()
 
 
 def test_attack_6_agent_cannot_take_another_agents_port(pard: Pard) -> None:
-    """Agent A bound B's REST port while B restarted.  Each unit may now bind only its
-    own ports (SocketBindAllow=, SocketBindDeny=any).  systemd enforces these only when
-    built with +BPF_FRAMEWORK, which Debian 12's 252 is not: there the test shows the
-    properties and records the attack as still open (xfail)."""
+    """Agent A, looping on bind() of B's REST port, took it while B restarted.  Now
+    systemd holds B's listening socket (par-agent@B.socket, docs/security.md): through a
+    restart, a kill -9 and a redeploy of B, A never binds the port and B answers on it.
+    (SocketBindAllow=/SocketBindDeny= are still set; Debian 12's systemd does not
+    enforce them, which no longer matters for the REST and UI ports.)"""
     a = deployed(pard, "atk-port-a")
     b = deployed(pard, "atk-port-b")
+    port, unit = b["ports"]["rest"], "par-agent@atk-port-b.service"
     props = show("par-agent@atk-port-b.service", "SocketBindAllow", "SocketBindDeny")
     # systemctl 252 prints "tcp18101" for tcp:18101
-    assert props["SocketBindAllow"].replace(":", "") == f"tcp{b['ports']['rest']}", props
+    assert props["SocketBindAllow"].replace(":", "") == f"tcp{port}", props
     assert props["SocketBindDeny"] == "any", props
-    pard.client().action(b["deploymentId"], "stop")
+    sock = show("par-agent@atk-port-b.socket", "Listen", "ActiveState", "ReusePort")
+    assert sock["Listen"] == f"127.0.0.1:{port} (Stream)", sock
+    assert (sock["ActiveState"], sock["ReusePort"]) == ("active", "yes"), sock
+
+    def b_answers() -> None:
+        """B itself answers on its port (its own AGENT_APP_ID), within 20 s."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                res = invoke(port, op="env", name="AGENT_APP_ID")
+                assert res == {"ok": True, "value": "atk-port-b"}, res
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     try:
-        res = invoke(a["ports"]["rest"], op="bind", port=b["ports"]["rest"])
-        features = sh("systemctl", "--version").stdout
-        if res["ok"] and not agent_isolation.bind_filter_enforced(features):
-            pytest.xfail("systemd lacks +BPF_FRAMEWORK: SocketBindDeny= is not enforced here")
-        assert not res["ok"], res
-        assert "Permission" in res["error"] or "Errno 1" in res["error"], res
+        assert invoke(a["ports"]["rest"], op="bindloop", port=port, seconds=120)["ok"]
+        time.sleep(0.3)
+        # 1. a restart by pard: the service stops and starts, the socket stays
+        assert pard.client().action(b["deploymentId"], "restart")["status"] == "healthy"
+        b_answers()
+        # 2. kill -9: systemd restarts it (agents.restart_sec later)
+        pid = Systemd().status(unit).main_pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not (Systemd().status(unit).active_state == "active"
+                   and Systemd().status(unit).main_pid not in (0, pid)):
+            assert time.monotonic() < deadline, Systemd().status(unit)
+            time.sleep(0.05)
+        b_answers()
+        # 3. a redeploy: socket and service replaced, the port bridged meanwhile
+        b2 = deployed(pard, "atk-port-b")
+        assert b2["ports"]["rest"] == port
+        b_answers()
+        assert b2["deploymentId"] in show(unit, "Description")["Description"]
+        status = invoke(a["ports"]["rest"], op="bindstatus")
+        assert status["won"] == [], status
+        assert status["tries"] > 1000, status  # it really tried throughout
+        assert pard.client().deployment(b2["deploymentId"])["status"] == "healthy"
     finally:
         pard.client().delete(a["deploymentId"], purge=True)
-        pard.client().action(b["deploymentId"], "start")
-        pard.client().delete(b["deploymentId"], purge=True)
+        pard.client().delete("atk-port-b", purge=True)
+
+
+def agent_sockets_loaded() -> list[str]:
+    """The par-agent@*.socket units systemd has loaded, in any state."""
+    out = sh("systemctl", "list-units", "--all", "--plain", "--no-legend",
+             "par-agent@*.socket").stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.strip())
+
+
+def test_stop_and_purge_leave_no_socket_unit(pard: Pard) -> None:
+    """A stopped agent's ports are free (no socket would start it on a connection); a
+    purged agent leaves no socket unit loaded."""
+    d = deployed(pard, "atk-sock-gone")
+    name = "par-agent@atk-sock-gone.socket"
+    assert name in agent_sockets_loaded()
+    pard.client().action(d["deploymentId"], "stop")
+    assert name not in agent_sockets_loaded()
+    with socket.socket() as s, pytest.raises(OSError):
+        s.settimeout(1)
+        s.connect(("127.0.0.1", d["ports"]["rest"]))  # refused: nothing holds it
+    assert Systemd().status("par-agent@atk-sock-gone.service").active_state != "active"
+    assert pard.client().action(d["deploymentId"], "start")["status"] == "healthy"
+    assert name in agent_sockets_loaded()
+    pard.client().delete(d["deploymentId"], purge=True)
+    assert name not in agent_sockets_loaded()
+    assert not Systemd().status("par-agent@atk-sock-gone.service").exists
 
 
 # ---------------------------------------------------------------- 8

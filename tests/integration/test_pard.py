@@ -16,7 +16,7 @@ import pytest
 
 from par.client import ApiError
 from par.store import IN_FLIGHT
-from par.units import Systemd
+from par.units import SOCKET_SUFFIX, Systemd
 from par.venvs import linked_layer
 from tests.wheels import build_hanging_sdist, build_wheel
 
@@ -206,8 +206,8 @@ def test_reboot_recreates_agents_on_their_ports(pard: Pard) -> None:
     d = pard.deploy("survivor", apkg_with(pard.root / "apkg", agents.probe("survivor")))
     assert d["status"] == "healthy"
     pard.stop()
-    # what a reboot does to transient units: they are gone
-    for unit in Systemd().list_agent_units():
+    # what a reboot does to transient units: they are gone (sockets too)
+    for unit in Systemd().list_agent_units(SOCKET_SUFFIX) + Systemd().list_agent_units():
         sh("systemctl", "stop", unit, check=False)
         sh("systemctl", "reset-failed", unit, check=False)
     assert not Systemd().status("par-agent@survivor.service").exists

@@ -19,6 +19,7 @@ from typing import Any
 from par import layout
 from par.actions import Actions
 from par.agent_locks import AgentLocks
+from par.agent_sockets import ParkedPorts
 from par.config import Config
 from par.config import Installer as InstallerConfig
 from par.deploy_request import DeployRequest, parse_deploy_request
@@ -116,8 +117,11 @@ class CoreEnv:
     # ---------------------------------------------------------------- pard restarts
 
     def restart_pard(self) -> ReconcileReport:
-        """A new pard on the same store and systemd: fresh locks, reconcile."""
+        """A new pard on the same store and systemd: fresh locks, no parked ports (the
+        old process's bridges closed with it), reconcile."""
         self.fake.clear_calls()
+        self.core.parked.close()
+        self.core = dataclasses.replace(self.core, parked=ParkedPorts())
         self.locks = AgentLocks()
         self.deployer.shutdown()
         self.deployer = Deployer(self.core, self.locks, 4)

@@ -28,6 +28,13 @@ RestartPreventExitStatus=2 3 4, CollectMode=inactive):
   right after; a unit stopped in auto-restart, or killed at TimeoutStopSec (the
   "hang" stop script), ends `failed` with its result kept instead.
 - `failed` stays loaded (listed, readable) until `reset_failed` unloads it.
+
+Socket units (`par-agent@<id>.socket`, par.agent_sockets): `start_socket` loads the
+socket and its service (inactive, not started); `start_unit` starts a loaded service
+as `start` does.  While its socket is loaded a service is pinned: stopped, reset or
+dead, it stays loaded (inactive), as on systemd 252, and `start_socket` refuses a
+service name that is loaded.  `stop_socket` unloads the socket (and a pinned service
+that is not running).  Nothing is ever started by a connection: the fake has none.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import NoReturn, TypeAlias
 
 from par.errors import ParError
 from par.units import (
+    SOCKET_SUFFIX,
     UNIT_PREFIX,
     UNIT_SUFFIX,
     Resources,
@@ -50,6 +58,7 @@ from par.units import (
     UnitSpec,
     UnitStatus,
     agent_id_of,
+    listen_host_port,
     unit_name,
 )
 
@@ -102,6 +111,8 @@ class FakeSystemd(Systemd):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._units: dict[str, FakeUnit] = {}
+        self._sockets: dict[str, tuple[dict[str, object], str]] = {}  # -> (props, service)
+        self.ports_in_use: set[int] = set()  # TEST HOOK: ports a socket unit cannot bind
         self._scripts: dict[str, deque[tuple[Outcome, tuple[str, ...]]]] = defaultdict(deque)
         self._stop_scripts: dict[str, deque[str]] = defaultdict(deque)
         self._journal: dict[str, list[tuple[float, str]]] = defaultdict(list)
@@ -191,18 +202,79 @@ class FakeSystemd(Systemd):
                 self._enter(name, unit, "inactive", "dead", "success", 0)
             st = self._status(name)
             if unit.active_state == "inactive":
-                del self._units[name]  # CollectMode=inactive: collected once inactive
+                self._collect(name)  # CollectMode=inactive: collected once inactive
             return st
 
     def start_socket(self, name: str, socket_props: dict[str, object],
                      service: UnitSpec) -> None:
-        raise AssertionError("the core does not run the front door's units (par.front_door)")
+        with self._lock:
+            self._log("start_socket", name,
+                      deployment_id=service.environment.get("DEPLOYMENT_ID"))
+            if name in self._sockets or service.name in self._units:
+                loaded = name if name in self._sockets else service.name
+                raise ParError("systemd_error", f"systemd call failed: Unit {loaded} was "
+                               "already loaded or has a fragment file.", None, 500)
+            listen = socket_props.get("Listen", [])
+            assert isinstance(listen, list)
+            if any(int(a.rpartition(":")[2]) in self.ports_in_use for _k, a in listen):
+                return  # the socket's start failed: both units are collected at once
+            self._sockets[name] = (dict(socket_props), service.name)
+            self._units[service.name] = FakeUnit(spec=service, active_state="inactive",
+                                                 sub_state="dead", since_usec=_now_usec())
 
     def start_unit(self, name: str, restart: bool = False) -> None:
-        raise AssertionError("the core does not run the front door's units (par.front_door)")
+        with self._lock:
+            self._log("start", name)
+            unit = self._units.get(name)
+            if unit is None:
+                raise ParError("systemd_error", f"systemd call failed: Unit {name} not found.",
+                               None, 500)
+            if unit.active_state in ("active", "activating", "reloading"):
+                return  # StartUnit on a started unit: nothing to do
+            # NRestarts starts again; the start limit does not (reset_failed resets it)
+            unit.n_restarts = 0
+            self._enter(name, unit, "activating", "start", "success", 0)
+            self._say(name, f"Starting {unit.spec.description}...")
+            agent = _agent(name)
+            self._busy[agent] += 1
+            self.max_concurrent[agent] = max(self.max_concurrent[agent], self._busy[agent])
+            self.max_parallel = max(self.max_parallel,
+                                    sum(1 for n in self._busy.values() if n))
 
     def stop_unit(self, name: str) -> None:
-        raise AssertionError("the core does not run the front door's units (par.front_door)")
+        raise AssertionError("par code stops agent sockets with stop_socket")
+
+    def unit_state(self, name: str) -> tuple[str, str, str]:
+        with self._lock:
+            self._log("unit_state", name)
+            if name in self._sockets:
+                return "loaded", "active", str(self._sockets[name][0].get("Description", ""))
+            unit = self._units.get(name)
+            if unit is None:
+                return "not-found", "inactive", ""
+            return "loaded", unit.active_state, unit.spec.description
+
+    def listen_addresses(self, name: str) -> set[tuple[str, int]]:
+        with self._lock:
+            props = self._sockets.get(name, ({}, ""))[0]
+            listen = props.get("Listen", [])
+            assert isinstance(listen, list)
+            return {parsed for _kind, address in listen
+                    if (parsed := listen_host_port(address))}
+
+    def stop_socket(self, name: str, timeout: float = 10) -> None:
+        with self._lock:
+            if name not in self._sockets:
+                return
+            self._log("stop_socket", name)
+            _props, service = self._sockets.pop(name)
+            unit = self._units.get(service)
+            if unit is not None and unit.active_state == "inactive":
+                del self._units[service]  # no longer pinned: collected
+
+    def wait_unloaded(self, name: str, timeout: float) -> bool:
+        with self._lock:
+            return name not in self._units
 
     def restart(self, name: str) -> None:
         raise AssertionError("par code does not restart units (it stops and starts them)")
@@ -238,11 +310,11 @@ class FakeSystemd(Systemd):
                 out[name] = (st, res)
             return out
 
-    def list_agent_units(self) -> list[str]:
+    def list_agent_units(self, suffix: str = UNIT_SUFFIX) -> list[str]:
         with self._lock:
             self._log("list_agent_units", "*")
-            return sorted(n for n in self._units
-                          if n.startswith(UNIT_PREFIX) and n.endswith(UNIT_SUFFIX))
+            names = self._sockets if suffix == SOCKET_SUFFIX else self._units
+            return sorted(n for n in names if n.startswith(UNIT_PREFIX) and n.endswith(suffix))
 
     def property(self, name: str, interface: str, prop: str) -> object:
         """As pystemd reads them: strings as bytes; an unloaded name reads empty."""
@@ -314,6 +386,9 @@ class FakeSystemd(Systemd):
             for name in list(self._units):
                 if agent is None or _agent(name) == agent:
                     del self._units[name]
+            for name in list(self._sockets):
+                if agent is None or _agent(name) == agent:
+                    del self._sockets[name]
 
     @contextmanager
     def hold(self, *agents: str) -> Iterator[None]:
@@ -339,6 +414,11 @@ class FakeSystemd(Systemd):
         """TEST HOOK. Agents with calls blocked in a held `wait_active`, and how many."""
         with self._lock:
             return {agent: g.waiting for agent, g in self._gates.items() if g.waiting}
+
+    def sockets(self) -> dict[str, dict[str, object]]:
+        """TEST HOOK. The loaded socket units and their properties."""
+        with self._lock:
+            return {name: dict(props) for name, (props, _svc) in self._sockets.items()}
 
     def unit(self, agent: str) -> FakeUnit | None:
         """TEST HOOK. The agent's loaded unit (its spec: what par started), or None."""
@@ -392,7 +472,10 @@ class FakeSystemd(Systemd):
         if unit is None:
             return
         if unit.active_state in ("failed", "inactive"):
-            del self._units[name]  # reset, unreferenced: collected
+            unit.attempts = 0  # the start limit too (a pinned unit stays loaded)
+            if unit.active_state == "failed":
+                self._enter(name, unit, "inactive", "dead", unit.result, unit.exec_main_status)
+            self._collect(name)  # reset, unreferenced: collected
         else:
             unit.attempts = 0  # ResetFailedUnit on a live unit resets its start limit only
 
@@ -410,6 +493,11 @@ class FakeSystemd(Systemd):
         unit.since_usec = _now_usec()
         if active == "failed":
             self._say(name, f"{name}: Failed with result '{result}'.")
+
+    def _collect(self, name: str) -> None:
+        """An inactive unit is forgotten, unless a loaded socket pins it."""
+        if not any(service == name for _props, service in self._sockets.values()):
+            del self._units[name]
 
     def _peek_outcome(self, agent: str) -> Outcome:
         queue = self._scripts[agent]
@@ -465,7 +553,7 @@ class FakeSystemd(Systemd):
             result, clean = "signal", n in CLEAN_SIGNALS
         if clean:
             self._enter(name, unit, "inactive", "dead", "success", n)
-            del self._units[name]
+            self._collect(name)
             return False
         prevented = kind == "exit" and n in unit.spec.restart_prevent_exit_status
         if unit.spec.restart == "no" or prevented:
@@ -492,7 +580,7 @@ class FakeSystemd(Systemd):
 
 
 def _agent(name: str) -> str:
-    agent = agent_id_of(name)
+    agent = agent_id_of(name) or agent_id_of(name, SOCKET_SUFFIX)
     assert agent is not None, f"not an agent unit: {name}"
     return agent
 

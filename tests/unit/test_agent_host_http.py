@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from par.agent_host.par_agent_host.api import HostApi
 from par.agent_host.par_agent_host.httpserver import DrainingServer, HttpSurface
 from par.agent_host.par_agent_host.spec import AgentSpec, HostEnv, Ports
 from par.agent_host.par_agent_host.surfaces import Health, http_answers
+
+HOST_DIR = Path(minihttp.__file__).resolve().parent.parent
 
 
 def head(raw: bytes) -> minihttp.Request | None:
@@ -175,3 +181,61 @@ def test_surface_stop_releases_the_port_for_a_successor():
         assert second.probe()
     finally:
         second.stop(5)
+
+
+def _held_listener() -> socket.socket:
+    """A listening socket, as systemd's socket unit holds it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock
+
+
+def test_a_surface_serves_a_passed_socket_and_leaves_it_listening():
+    """With systemd holding the socket, a stopped surface closes only its own copy:
+    a connection made meanwhile waits in the backlog for the next process."""
+    held = _held_listener()  # systemd's copy
+    port = held.getsockname()[1]
+    handler = minihttp.handler_class(lambda request, read_body: (200, {"ok": True}), "t")
+    surface = HttpSurface("rest", "127.0.0.1", port, handler, probe_path="/",
+                          listener=socket.socket(fileno=os.dup(held.fileno())))
+    surface.start()
+    assert surface.probe()
+    surface.stop(1)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as waiting:
+        successor = HttpSurface("rest", "127.0.0.1", port, handler, probe_path="/",
+                                listener=socket.socket(fileno=os.dup(held.fileno())))
+        successor.start()
+        try:
+            waiting.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert waiting.recv(100).startswith(b"HTTP/1.")
+        finally:
+            successor.stop(1)
+    held.close()
+
+
+def test_listen_fds_are_taken_by_port_and_removed_from_the_environment():
+    held = _held_listener()
+    port = held.getsockname()[1]
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(HOST_DIR)!r})
+        os.environ["LISTEN_PID"] = str(os.getpid())
+        from par_agent_host import listen_fds
+        socks = listen_fds.take()
+        assert list(socks) == [{port}], socks
+        assert socks[{port}].get_inheritable() is False
+        assert not [k for k in os.environ if k.startswith("LISTEN_")]
+        os.environ.update(LISTEN_PID="1", LISTEN_FDS="1")
+        assert listen_fds.take() == {{}}  # another process's fds
+        print("ok")
+    """)
+
+    def to_fd3() -> None:
+        os.dup2(held.fileno(), 3)
+
+    out = subprocess.run([sys.executable, "-c", code], env={"LISTEN_FDS": "1"},
+                         preexec_fn=to_fd3, close_fds=False, capture_output=True, text=True,
+                         timeout=30)
+    held.close()
+    assert out.stdout.strip() == "ok", out.stderr

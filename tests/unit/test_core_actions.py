@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from par import layout
+from par import layout, pipeline
 from par.actions import resolve
 from par.agent_unit import env_file_path
 from par.errors import ParError
@@ -56,9 +56,19 @@ def test_restart_stops_then_starts(core_env: CoreEnv) -> None:
     deployed(e)
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     assert e.actions.act(AGENT, "restart").status == "healthy"
-    assert e.fake.ops() == [("stop", "d1"), ("start", "d1")]
+    # the same unit behind the same socket, its start limit reset (as a new unit's is)
+    assert e.fake.ops() == [("stop", "d1"), ("reset_failed", "d1"), ("start", "d1")]
     st = e.fake.status("par-agent@agent-a.service")
     assert st.active_state == "active" and st.main_pid != pid
+
+
+def test_many_restarts_in_a_row_are_not_refused_by_the_start_limit(core_env: CoreEnv) -> None:
+    """Found by test_bounded_inputs: the loaded unit behind a kept socket counts every
+    start towards StartLimitBurst, so the sixth restart within a minute failed."""
+    e = core_env
+    deployed(e)
+    for _ in range(e.cfg.agents.start_limit_burst + 2):
+        assert e.actions.act(AGENT, "restart").status == "healthy"
 
 
 def test_restart_that_fails_marks_the_deployment_failed(core_env: CoreEnv) -> None:
@@ -268,7 +278,7 @@ def test_an_action_waiting_for_the_lock_acts_on_the_record_as_it_is_then(
         time.sleep(0.3)  # the restart has resolved d1 (current then) and waits for the lock
         e.store.clear_current(AGENT)  # ... and does its work meanwhile
         e.store.update("d1", desired_state="removed", status="removed")
-        e.fake.stop("par-agent@agent-a.service", wait_s=1)
+        pipeline.stop(e.core, AGENT, 1, release=True)
     waiter.join(10)
     assert outcome == ["not_current"]
     assert e.fake.unit(AGENT) is None  # no unit that no deployment owns

@@ -103,8 +103,10 @@ def test_start_timeout_fails(core_env: CoreEnv) -> None:
     assert d.error_message is not None and d.error_message.startswith(
         f"the agent did not report ready within {e.cfg.agents.boot_timeout_s} s")
     assert e.fake.unit(AGENT) is None  # stopped (failed, result timeout) and reset
+    # its socket went first (parked), so the reset unit is collected at once
     assert e.fake.ops() == [("start", "d1"), ("stop", "d1"), ("reset_failed", "d1"),
                             ("reset_failed", None)]
+    assert e.fake.sockets() == {}  # nothing serves: the ports are released
     assert e.leftovers() == []
 
 

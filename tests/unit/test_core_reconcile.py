@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from par import loopback, pipeline
+from par import agent_sockets, loopback, pipeline
 from par.agent_unit import AgentLaunch, unit_spec
 from par.store import Deployment
 from tests.unit.core_env import CoreEnv
@@ -96,7 +96,8 @@ def test_failed_unit_is_reset_and_restarted(core_env: CoreEnv) -> None:
     assert e.fake.crash(AGENT, ("exit", 3)).active_state == "failed"
     report = e.restart_pard()
     assert report.restarted == [AGENT]
-    assert e.fake.ops() == [("reset_failed", "d1"), ("start", "d1")]
+    # reconcile's reset, then the one before the start behind the kept socket
+    assert e.fake.ops() == [("reset_failed", "d1"), ("reset_failed", "d1"), ("start", "d1")]
     assert e.fake.status(UNIT).active_state == "active"
 
 
@@ -190,10 +191,11 @@ def test_half_started_deploy_is_stopped_and_the_previous_brought_back(
     d1 = deployed(e, "d1", "1.0.0")
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
-    e.fake.start(unit_spec(e.cfg, launch))  # still activating when pard died
+    _start_unit(e, launch)  # still activating when pard died
     report = e.restart_pard()
     assert report.interrupted == ["d2"] and report.restarted == [AGENT]
-    assert e.fake.ops() == [("stop", "d2"), ("start", "d1")]
+    # d2's stopped unit stays loaded (its socket pins it) until d1 replaces both
+    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("start", "d1")]
     d2 = e.store.get("d2")
     assert (d2.status, d2.error_code, d2.current) == ("failed", "interrupted", False)
     back = e.store.get("d1")
@@ -208,11 +210,12 @@ def test_deploy_whose_new_unit_failed_is_cleaned_up(core_env: CoreEnv) -> None:
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
     e.fake.script(AGENT, ("exit", 3))
-    e.fake.start(unit_spec(e.cfg, launch))
+    _start_unit(e, launch)
     assert e.fake.settle(AGENT).active_state == "failed"
     report = e.restart_pard()
     assert report.interrupted == ["d2"] and report.restarted == [AGENT]
-    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("start", "d1")]
+    assert e.fake.ops() == [("stop", "d2"), ("reset_failed", "d2"), ("reset_failed", "d2"),
+                            ("start", "d1")]
     assert e.store.get("d1").status == "healthy"
 
 
@@ -260,3 +263,11 @@ def test_agent_moves_to_its_own_address_when_isolation_is_turned_on(
     # the next pard start finds it where the configuration says: adopted as it is
     report = e.restart_pard()
     assert (report.adopted, report.restarted) == ([AGENT], [])
+
+
+def _start_unit(e: CoreEnv, launch: AgentLaunch) -> None:
+    """What an earlier pard did to start `launch`'s unit (its sockets replaced), up to
+    the wait for READY it died in."""
+    spec = unit_spec(e.cfg, launch)
+    agent_sockets.start(e.fake, spec, agent_sockets.held_sockets(e.cfg, AGENT, launch.ports,
+                                                                 spec), e.core.parked)

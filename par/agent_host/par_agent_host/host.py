@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import socket
 import sys
 import threading
 import time
 
-from . import dotenv, loader, log, spec, stdlib_rest
+from . import dotenv, listen_fds, loader, log, spec, stdlib_rest
 from .api import HostApi
 from .exitcodes import EXIT_IMPORT_ERROR, EXIT_OK, EXIT_SURFACE_FAILED, HostError, describe
 from .loader import EntryRef
@@ -33,9 +34,15 @@ MAX_PROBE_DELAY_S = 0.02
 EXIT_GRACE_S = 2.0
 
 
-def build_surfaces(api: HostApi) -> list[Surface]:
-    """Import the declared surfaces' entries and build (not start) them, REST first."""
+def build_surfaces(api: HostApi,
+                   listeners: dict[int, socket.socket] | None = None) -> list[Surface]:
+    """Import the declared surfaces' entries and build (not start) them, REST first.
+
+    `listeners`: the listening sockets systemd passed, by port (`listen_fds.take`); a
+    surface whose port has none binds it itself.  A2A is always bound by the agent's
+    own code (grpc cannot adopt a socket)."""
     agent, env = api.spec, api.env
+    held = listeners or {}
     surfaces: list[Surface] = []
     if agent.rest_entry:
         ref = EntryRef.parse("rest entry", agent.rest_entry, "mount")
@@ -48,10 +55,11 @@ def build_surfaces(api: HostApi) -> list[Surface]:
             ) from exc
         app = rest.build_app(api, loader.load_callable(ref, agent.package_root), ref)
         surfaces.append(
-            rest.UvicornSurface(app, env.bind_address, env.ports.rest, env.stop_timeout)
+            rest.UvicornSurface(app, env.bind_address, env.ports.rest, env.stop_timeout,
+                                held.get(env.ports.rest))
         )
     else:
-        surfaces.append(stdlib_rest.surface(api))
+        surfaces.append(stdlib_rest.surface(api, held.get(env.ports.rest)))
     # The A2A and UI surfaces import asyncio and http.server: only agents that declare them pay.
     if agent.a2a_service:
         from .a2a import A2aSurface
@@ -67,7 +75,8 @@ def build_surfaces(api: HostApi) -> list[Surface]:
         from . import ui
 
         folder = ui.ui_folder(agent.package_root, agent.ui_path)
-        surfaces.append(ui.surface(folder, env.bind_address, env.ports.ui))
+        surfaces.append(ui.surface(folder, env.bind_address, env.ports.ui,
+                                   held.get(env.ports.ui)))
     return surfaces
 
 
@@ -226,6 +235,7 @@ def main() -> int:
     watchdog = watchdog_interval()
     for key in NOTIFY_KEYS:
         os.environ.pop(key, None)
+    listeners = listen_fds.take()  # before the agent's code runs, like NOTIFY_SOCKET
     try:
         agent, env = spec.load()
         try:
@@ -240,7 +250,7 @@ def main() -> int:
         handler = loader.load_callable(EntryRef.parse("entrypoint", agent.entrypoint, "handler"),
                                        agent.package_root)
         api = HostApi(agent, env, Health(agent.surfaces), handler)
-        surfaces = build_surfaces(api)
+        surfaces = build_surfaces(api, listeners)
     except HostError as exc:
         return _fail(exc, notify)
     # Installed after the agent's modules ran, so an import-time handler cannot replace ours.

@@ -33,7 +33,10 @@ class DrainingServer(socketserver.ThreadingTCPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int],
-                 handler: Callable[..., socketserver.BaseRequestHandler]) -> None:
+                 handler: Callable[..., socketserver.BaseRequestHandler],
+                 listener: socket.socket | None = None) -> None:
+        """Bind and listen on `address`, or serve `listener` (a listening socket systemd
+        passed: par_agent_host.listen_fds) as it is."""
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._inflight = 0
         self._idle = threading.Condition()
@@ -41,10 +44,13 @@ class DrainingServer(socketserver.ThreadingTCPServer):
         self._loop_ended = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         try:
-            super().__init__(address, handler)
+            super().__init__(address, handler, bind_and_activate=listener is None)
+            if listener is not None:
+                self.socket.close()  # the unbound one TCPServer made
+                self.socket = listener
+                self.server_address = listener.getsockname()
         except BaseException:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            self.server_close()  # TCPServer may have called it already: it closes once
             raise
 
     def serve_forever(self, poll_interval: float | None = None) -> None:
@@ -69,11 +75,11 @@ class DrainingServer(socketserver.ThreadingTCPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        # once: a second close could hit an fd number reused meanwhile
         for fd in (self._wake_read, self._wake_write):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
+        self._wake_read = self._wake_write = -1
 
     def process_request(self, request, client_address) -> None:
         # Counted here, in the accept loop, so drain() cannot miss a just-accepted request.
@@ -105,19 +111,22 @@ class HttpSurface(Surface):
         port: int,
         handler: Callable[..., socketserver.BaseRequestHandler],
         probe_path: str,
+        listener: socket.socket | None = None,
     ) -> None:
+        """`listener`: the port's listening socket when systemd holds it, else None (bind)."""
         self.name = name
         self.port = port
         self._bind = bind_address
         self._handler = handler
         self._probe_path = probe_path
+        self._listener = listener
         self._server: DrainingServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     def start(self) -> None:
         try:
-            self._server = DrainingServer((self._bind, self.port), self._handler)
+            self._server = DrainingServer((self._bind, self.port), self._handler, self._listener)
         except OSError as exc:
             reason = exc.strerror or exc
             raise HostError(
@@ -141,5 +150,7 @@ class HttpSurface(Surface):
             return
         if self._thread is not None and self._thread.is_alive():
             self._server.shutdown()  # the accept loop ends at once
-        self._server.server_close()  # release the port: new connections are refused
+        # Release the port: new connections are refused, or, when systemd holds the
+        # socket, wait in its backlog for the next process (closing our copy only).
+        self._server.server_close()
         self._server.drain(timeout)

@@ -116,8 +116,11 @@ class UvicornSurface(Surface):
 
     name = "rest"
 
-    def __init__(self, app: FastAPI, bind_address: str, port: int, stop_timeout: float) -> None:
+    def __init__(self, app: FastAPI, bind_address: str, port: int, stop_timeout: float,
+                 listener: socket.socket | None = None) -> None:
+        """`listener`: REST_PORT's listening socket when systemd passed it, else None."""
         self.port = port
+        self._listener = listener
         self._app = app
         self._bind = bind_address
         self._stop_timeout = stop_timeout
@@ -126,7 +129,24 @@ class UvicornSurface(Surface):
         self._stopping = False
 
     def start(self) -> None:
-        # Binding here, not in uvicorn, turns "address in use" into a clear HostError now.
+        sock = self._listener or self._bind_port()
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=max(1, int(self._stop_timeout)),
+        )
+        self._server = uvicorn.Server(config)
+        # uvicorn closes its copy of the socket on stop (never shutdown()): a socket
+        # systemd holds keeps listening, and connections wait for the next process.
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="par-rest", daemon=True
+        )
+        self._thread.start()
+
+    def _bind_port(self) -> socket.socket:
+        """Binding here, not in uvicorn, turns "address in use" into a clear HostError now."""
         family = socket.AF_INET6 if ":" in self._bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -138,18 +158,7 @@ class UvicornSurface(Surface):
                 EXIT_SURFACE_FAILED,
                 f"rest surface cannot listen on {self._bind}:{self.port}: {exc.strerror or exc}",
             ) from exc
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=max(1, int(self._stop_timeout)),
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="par-rest", daemon=True
-        )
-        self._thread.start()
+        return sock
 
     def probe(self) -> bool:
         return http_answers(probe_host(self._bind), self.port, "/meta")

@@ -7,6 +7,7 @@ agent has a health check and can be invoked, whatever its venv holds.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 
 from .api import HostApi, call_handler_sync, invoke_error
@@ -43,7 +44,8 @@ def answer(api: HostApi, request: Request, read_body: Callable[[int], bytes]) ->
         return 500, invoke_error(exc)
 
 
-def surface(api: HostApi) -> HttpSurface:
+def surface(api: HostApi, listener: socket.socket | None = None) -> HttpSurface:
+    """The REST surface; `listener`: REST_PORT's socket when systemd passed it."""
     handler = handler_class(lambda request, read_body: answer(api, request, read_body), SERVER_NAME)
     return HttpSurface("rest", api.env.bind_address, api.env.ports.rest, handler,
-                       probe_path="/meta")
+                       probe_path="/meta", listener=listener)

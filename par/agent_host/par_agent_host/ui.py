@@ -7,6 +7,7 @@ import of the host.
 from __future__ import annotations
 
 import functools
+import socket
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -44,6 +45,8 @@ def ui_folder(package_root: Path, ui_path: str) -> Path:
     return folder
 
 
-def surface(folder: Path, bind_address: str, port: int) -> HttpSurface:
+def surface(folder: Path, bind_address: str, port: int,
+            listener: socket.socket | None = None) -> HttpSurface:
+    """The UI surface; `listener`: UI_PORT's socket when systemd passed it."""
     handler = functools.partial(_UiHandler, directory=str(folder))
-    return HttpSurface("ui", bind_address, port, handler, probe_path="/")
+    return HttpSurface("ui", bind_address, port, handler, probe_path="/", listener=listener)
