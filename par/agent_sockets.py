@@ -102,6 +102,13 @@ def held_sockets(cfg: Config, agent_id: str, ports: dict[str, int],
         "ReusePort": True,
         "CollectMode": "inactive-or-failed",
     }
+    # A socket made by a socket unit is filtered by the socket unit's IP access lists,
+    # not the service's (systemd.resource-control(5)): without them, with
+    # agents.isolate_loopback, any host process could reach the agent's held ports.
+    service_props = properties(service)
+    for key in ("IPAddressAllow", "IPAddressDeny"):
+        if key.encode() in service_props:
+            props[key] = service_props[key.encode()]
     return HeldSockets(socket_name(agent_id), bind, held, tag, props)
 
 

@@ -160,3 +160,30 @@ def test_a_port_systemd_cannot_bind_fails_the_start_before_the_service_runs(
     assert (d.status, d.error_code) == ("failed", "port_unavailable")
     assert d.error_message is not None and SOCKET in d.error_message
     assert e.fake.ops("start") == [] and e.fake.unit(AGENT) is None
+
+
+def test_isolated_sockets_listen_on_the_agents_address_with_its_firewall(
+        core_env: CoreEnv) -> None:
+    """A socket made by a socket unit is filtered by the socket unit's IP access lists,
+    not the service's: they must carry the service's (agents.isolate_loopback)."""
+    from par import loopback
+    from par.agent_unit import AgentLaunch, unit_spec
+    from par.units import properties
+
+    e = core_env
+    cfg = dataclasses.replace(e.cfg, agents=dataclasses.replace(e.cfg.agents,
+                                                                isolate_loopback=True))
+    ports = {"rest": 8100, "ui": 3100}
+    spec = unit_spec(cfg, AgentLaunch(
+        agent_id=AGENT, deployment_id="d1", org_id="o", name="n", version="1",
+        package_root=e.tmp, venv_path=e.tmp, ports=ports, entrypoint="m:f", rest_entry=None,
+        a2a_service=None, ui_path=None, env={}), [])
+    held = held_sockets(cfg, AGENT, ports, spec)
+    address = loopback.agent_address(8100)
+    assert held.props["Listen"] == [("Stream", f"{address}:8100"), ("Stream", f"{address}:3100")]
+    service = properties(spec)
+    assert held.props["IPAddressDeny"] == service[b"IPAddressDeny"]
+    assert held.props["IPAddressAllow"] == service[b"IPAddressAllow"]
+    # without isolation neither unit has an allow list
+    plain = held_sockets(e.cfg, AGENT, ports, _spec())
+    assert "IPAddressAllow" not in plain.props
