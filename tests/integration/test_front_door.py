@@ -31,6 +31,7 @@ from tests.integration.pard import (
     running_pard,
     sh,
 )
+from tests.reliability_cases import measure
 
 AGENT = "fd-echo"
 LOAD_S = 20.0
@@ -386,6 +387,9 @@ def under_load(pard: Pard, change: Callable[[], None], label: str) -> LoadReport
           f"{report.longest_s * 1000:.0f} ms, change took {changed_s:.1f} s, reconnects of "
           f"closed keep-alive connections {report.stale_retries}, versions "
           f"{sorted(report.versions)}")
+    measure(f"front door, longest wait across {label}",
+            f"{report.longest_s * 1000:.0f} ms ({report.ok} answers, 0 errors)"
+            if not report.errors else f"{len(report.errors)} errors")
     assert not report.errors, report.errors[:10]
     assert report.ok > CLIENTS * 10
     return report
