@@ -33,8 +33,11 @@ from par.units import Systemd, UnitSpec
 FRONT_SOCKET = "par-front.socket"
 FRONT_SERVICE = "par-front.service"
 FRONT_USER = "par-front"
-# Longest a publisher waits without a commit before reading the store again anyway.
-REPUBLISH_S = 5.0
+# Longest a publisher waits without a commit before reading the store again anyway (a
+# routes file removed by hand comes back).  Every change commits, so this is only that
+# safety net: each read walks every agent's records, which at 5 s was most of pard's
+# idle CPU with 100 agents (docs/benchmarks.md, density).
+REPUBLISH_S = 60.0
 # The service's stop budget: the process drains its requests for 20 s (par.front.main).
 STOP_TIMEOUT_S = 30.0
 
