@@ -89,7 +89,8 @@ def held_sockets(cfg: Config, agent_id: str, ports: dict[str, int],
     bind = loopback.bind_address(cfg, ports)
     held = tuple(ports[k] for k in HELD_KINDS if k in ports)
     listen = [("Stream", listen_address(bind, port)) for port in held]
-    text = repr(sorted(properties(service).items())) + repr(listen)
+    service_props = properties(service)
+    text = repr(sorted(service_props.items())) + repr(listen)
     tag = f"[{hashlib.sha256(text.encode()).hexdigest()[:12]}]"
     props: dict[str, object] = {
         "Description": f"PAR agent {agent_id} listening sockets {tag}",
@@ -105,7 +106,6 @@ def held_sockets(cfg: Config, agent_id: str, ports: dict[str, int],
     # A socket made by a socket unit is filtered by the socket unit's IP access lists,
     # not the service's (systemd.resource-control(5)): without them, with
     # agents.isolate_loopback, any host process could reach the agent's held ports.
-    service_props = properties(service)
     for key in ("IPAddressAllow", "IPAddressDeny"):
         if key.encode() in service_props:
             props[key] = service_props[key.encode()]

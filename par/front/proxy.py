@@ -207,6 +207,19 @@ class Proxy:
             return res, None
         return res, res.ports.get(target.surface) or res.ports.get("rest")
 
+    async def attempts(self, target: Target) -> AsyncIterator[tuple[Resolution, URL]]:
+        """The route and the agent's URL for each try at `target` (HTTP or WebSocket): the
+        next one only after a pause that doubles each time, while the route is held or the
+        agent does not answer; the 503 once `hold_s` is spent, 404/503 at once from the
+        routes."""
+        deadline = asyncio.get_running_loop().time() + self.settings.hold_s
+        delay = FIRST_BACKOFF_S
+        while True:
+            res, port = await self.resolve_port(target)
+            if port is not None:
+                yield res, self.url(res, port, target)
+            delay = await self.hold(deadline, delay, res)
+
     async def hold(self, deadline: float, delay: float, res: Resolution | None) -> float:
         """Sleep before the next try, or raise the 503 once `hold_s` is spent."""
         loop = asyncio.get_running_loop()
@@ -228,39 +241,33 @@ class Proxy:
     async def _forward(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:
         body = await self._body(request)
         headers = forward_headers(request, target.prefix)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.hold_s
-        delay = FIRST_BACKOFF_S
-        while True:
-            res, port = await self.resolve_port(target)
-            if port is not None:
-                session = self.fresh if body.streamed else self.session
-                data = self._stream(request, body) if body.streamed else body.data
-                upstream: ClientResponse | None = None
-                try:
-                    upstream = await session.request(
-                        request.method, self.url(res, port, target), headers=headers, data=data,
-                        allow_redirects=False)
-                    length = upstream.content_length
-                    if length is not None and length <= SMALL_ANSWER_BYTES \
-                            and request.method != "HEAD" and upstream.status not in (204, 304):
-                        # read whole before answering: an agent killed in the middle of
-                        # it is retried like one that refused the connection
-                        whole = await upstream.read()
-                        return await self._relay(request, upstream, whole)
-                except (TimeoutError, ClientConnectorError, ClientOSError,
-                        ServerDisconnectedError, ClientPayloadError):
-                    if upstream is not None:
-                        upstream.close()
-                    if body.error is not None:
-                        raise body.error from None
-                    if body.started:  # part of a body that cannot be sent again went out
-                        raise ProxyError(502, "agent_reset",
-                                         "the agent closed the connection while the request "
-                                         "body was being sent") from None
-                else:
-                    return await self._relay(request, upstream)
-            delay = await self.hold(deadline, delay, res)
+        async for _, url in self.attempts(target):
+            session = self.fresh if body.streamed else self.session
+            data = self._stream(request, body) if body.streamed else body.data
+            upstream: ClientResponse | None = None
+            try:
+                upstream = await session.request(request.method, url, headers=headers,
+                                                 data=data, allow_redirects=False)
+                length = upstream.content_length
+                if length is not None and length <= SMALL_ANSWER_BYTES \
+                        and request.method != "HEAD" and upstream.status not in (204, 304):
+                    # read whole before answering: an agent killed in the middle of
+                    # it is retried like one that refused the connection
+                    whole = await upstream.read()
+                    return await self._relay(request, upstream, whole)
+            except (TimeoutError, ClientConnectorError, ClientOSError,
+                    ServerDisconnectedError, ClientPayloadError):
+                if upstream is not None:
+                    upstream.close()
+                if body.error is not None:
+                    raise body.error from None
+                if body.started:  # part of a body that cannot be sent again went out
+                    raise ProxyError(502, "agent_reset",
+                                     "the agent closed the connection while the request "
+                                     "body was being sent") from None
+            else:
+                return await self._relay(request, upstream)
+        raise AssertionError("attempts() ends only by raising")  # pragma: no cover
 
     async def _body(self, request: web.BaseRequest) -> Body:
         """Read a small body whole (it can be sent again); leave a large or chunked one to

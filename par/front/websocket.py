@@ -20,7 +20,7 @@ from aiohttp import (
     web,
 )
 
-from par.front.proxy import FIRST_BACKOFF_S, Proxy, ProxyError, Target, forward_headers
+from par.front.proxy import Proxy, ProxyError, Target, forward_headers
 
 # Headers the WebSocket handshake sets itself, on each side.
 HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
@@ -50,25 +50,20 @@ async def proxy_websocket(proxy: Proxy, request: web.BaseRequest,
 
 async def _connect(proxy: Proxy, target: Target, headers: dict[str, str],
                    protocols: list[str]) -> ClientWebSocketResponse:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + proxy.settings.hold_s
-    delay = FIRST_BACKOFF_S
-    while True:
-        res, port = await proxy.resolve_port(target)
-        if port is not None:
-            try:
-                return await proxy.fresh.ws_connect(proxy.url(res, port, target), headers=headers,
-                                                    protocols=protocols, autoping=True)
-            except WSServerHandshakeError as exc:
-                # a plain answer (uvicorn without a WebSocket library answers 200): 400
-                status = exc.status if exc.status >= 400 else 400
-                status = 502 if status >= 500 else status
-                raise ProxyError(status, "not_websocket",
-                                 f"agent {res.agent} did not accept a WebSocket at "
-                                 f"{target.path} (it answered {exc.status})") from None
-            except (TimeoutError, ClientConnectorError, ClientOSError, ServerDisconnectedError):
-                pass
-        delay = await proxy.hold(deadline, delay, res)
+    async for res, url in proxy.attempts(target):
+        try:
+            return await proxy.fresh.ws_connect(url, headers=headers, protocols=protocols,
+                                                autoping=True)
+        except WSServerHandshakeError as exc:
+            # a plain answer (uvicorn without a WebSocket library answers 200): 400
+            status = exc.status if exc.status >= 400 else 400
+            status = 502 if status >= 500 else status
+            raise ProxyError(status, "not_websocket",
+                             f"agent {res.agent} did not accept a WebSocket at "
+                             f"{target.path} (it answered {exc.status})") from None
+        except (TimeoutError, ClientConnectorError, ClientOSError, ServerDisconnectedError):
+            pass
+    raise AssertionError("attempts() ends only by raising")  # pragma: no cover
 
 
 async def _pump(source: web.WebSocketResponse | ClientWebSocketResponse,

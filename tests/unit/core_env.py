@@ -108,6 +108,16 @@ class CoreEnv:
             return d if d.status in until and idle else None
         return poll(f"{did} to reach {until} (now {self.store.get(did).status})", done, timeout)
 
+    def deployed(self, did: str = "d1", version: str = "1.0.0",
+                 clear_calls: bool = True) -> Deployment:
+        """A healthy deployment of agent-a from a package of `version`; with `clear_calls`,
+        the fake's call log starts empty after it."""
+        d = self.deploy(did, self.package(f"p-{version}", version), version=version)
+        assert d.status == "healthy", d
+        if clear_calls:
+            self.fake.clear_calls()
+        return d
+
     def deploy(self, did: str, pkg: Path, agent: str = "agent-a", version: str = "1.0.0",
                **fields: Any) -> Deployment:
         """Submit a deploy and wait for its end."""

@@ -7,19 +7,11 @@ import socket
 
 from par import agent_sockets
 from par.agent_sockets import held_sockets, listen_address, port_bridge
-from par.store import Deployment
 from par.units import UnitSpec
 from tests.unit.core_env import CoreEnv
 
 AGENT = "agent-a"
 SOCKET = "par-agent@agent-a.socket"
-
-
-def deployed(e: CoreEnv, did: str = "d1", version: str = "1.0.0") -> Deployment:
-    d = e.deploy(did, e.package(f"p-{version}", version), version=version)
-    assert d.status == "healthy"
-    e.fake.clear_calls()
-    return d
 
 
 def _spec(**changes: object) -> UnitSpec:
@@ -71,14 +63,14 @@ def test_the_bridge_holds_a_port_no_plain_bind_can_take() -> None:
 
 def test_a_deploy_holds_its_ports_in_a_socket_unit(core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed()
     props = e.fake.sockets()[SOCKET]
     assert props["Listen"] == [("Stream", f"127.0.0.1:{d.ports['rest']}")]
 
 
 def test_a_restart_keeps_the_socket_and_starts_the_same_service(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     before = e.fake.sockets()
     assert e.actions.act(AGENT, "restart").status == "healthy"
     assert e.fake.ops("start_socket", "stop_socket") == []  # the same socket throughout
@@ -87,7 +79,7 @@ def test_a_restart_keeps_the_socket_and_starts_the_same_service(core_env: CoreEn
 
 def test_a_redeploy_replaces_the_socket_on_the_same_ports(core_env: CoreEnv) -> None:
     e = core_env
-    d1 = deployed(e)
+    d1 = e.deployed()
     d2 = e.deploy("d2", e.package("p-2", "2.0.0"), version="2.0.0")
     assert d2.status == "healthy" and d2.ports == d1.ports
     # the socket goes before the service (parked: pard holds the port), so no
@@ -103,7 +95,7 @@ def test_a_redeploy_replaces_the_socket_on_the_same_ports(core_env: CoreEnv) -> 
 
 def test_stop_and_remove_release_the_ports(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     e.actions.act(AGENT, "stop")
     assert e.fake.sockets() == {} and e.fake.unit(AGENT) is None
     e.actions.act(AGENT, "start")
@@ -122,7 +114,7 @@ def test_a_failed_first_deploy_leaves_no_socket(core_env: CoreEnv) -> None:
 
 def test_a_failed_redeploy_rolls_back_behind_a_socket(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     e.fake.script(AGENT, ("exit", 3))
     d2 = e.deploy("d2", e.package("p-2", "2.0.0"), version="2.0.0")
     assert d2.status == "failed"
@@ -134,7 +126,7 @@ def test_a_failed_redeploy_rolls_back_behind_a_socket(core_env: CoreEnv) -> None
 
 def test_reconcile_releases_the_socket_of_a_stopped_agent(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     e.store.update("d1", desired_state="stopped", status="stopped")
     e.fake.stop("par-agent@agent-a.service", wait_s=1)  # pard died before the socket went
     assert SOCKET in e.fake.sockets()
@@ -144,7 +136,7 @@ def test_reconcile_releases_the_socket_of_a_stopped_agent(core_env: CoreEnv) -> 
 
 def test_reconcile_restarts_a_dead_agent_behind_its_socket(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     e.fake.stop("par-agent@agent-a.service", wait_s=1)
     report = e.restart_pard()
     assert report.restarted == [AGENT]

@@ -16,17 +16,9 @@ from tests.unit.core_env import CoreEnv
 AGENT = "agent-a"
 
 
-def deployed(e: CoreEnv, did: str = "d1", version: str = "1.0.0") -> Deployment:
-    """A healthy deployment of AGENT, with the call log cleared after it."""
-    d = e.deploy(did, e.package(f"p-{version}", version), version=version)
-    assert d.status == "healthy"
-    e.fake.clear_calls()
-    return d
-
-
 def test_stop_then_start(core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed()
     stopped = e.actions.act(AGENT, "stop")
     assert (stopped.status, stopped.desired_state, stopped.current) == ("stopped", "stopped",
                                                                         True)
@@ -44,7 +36,7 @@ def test_stop_then_start(core_env: CoreEnv) -> None:
 
 def test_start_of_a_running_agent_starts_nothing(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     assert e.actions.act(AGENT, "start").status == "healthy"
     assert e.fake.ops() == []
@@ -53,7 +45,7 @@ def test_start_of_a_running_agent_starts_nothing(core_env: CoreEnv) -> None:
 
 def test_restart_stops_then_starts(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     assert e.actions.act(AGENT, "restart").status == "healthy"
     # the same unit behind the same socket, its start limit reset (as a new unit's is)
@@ -66,14 +58,14 @@ def test_many_restarts_in_a_row_are_not_refused_by_the_start_limit(core_env: Cor
     """Found by test_bounded_inputs: the loaded unit behind a kept socket counts every
     start towards StartLimitBurst, so the sixth restart within a minute failed."""
     e = core_env
-    deployed(e)
+    e.deployed()
     for _ in range(e.cfg.agents.start_limit_burst + 2):
         assert e.actions.act(AGENT, "restart").status == "healthy"
 
 
 def test_restart_that_fails_marks_the_deployment_failed(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     e.fake.script(AGENT, ("exit", 2))
     with pytest.raises(ParError) as exc:
         e.actions.act(AGENT, "restart")
@@ -87,7 +79,7 @@ def test_restart_that_fails_marks_the_deployment_failed(core_env: CoreEnv) -> No
 
 def test_restart_without_the_extracted_package_leaves_the_agent_alone(core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed()
     shutil.rmtree(layout.extraction(e.cfg, AGENT, "1.0.0", d.package_digest))
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     with pytest.raises(ParError) as exc:
@@ -102,7 +94,7 @@ def test_restart_without_the_extracted_package_leaves_the_agent_alone(core_env: 
 
 def test_start_without_the_extracted_package_fails(core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed()
     e.actions.act(AGENT, "stop")
     shutil.rmtree(layout.extraction(e.cfg, AGENT, "1.0.0", d.package_digest))
     with pytest.raises(ParError) as exc:
@@ -114,8 +106,8 @@ def test_start_without_the_extracted_package_fails(core_env: CoreEnv) -> None:
 
 def test_actions_need_the_current_deployment(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
-    deployed(e, "d2", "2.0.0")
+    e.deployed("d1", "1.0.0")
+    e.deployed("d2", "2.0.0")
     for action in ("stop", "start", "restart"):
         with pytest.raises(ParError) as exc:
             e.actions.act("d1", action)
@@ -131,8 +123,8 @@ def test_actions_need_the_current_deployment(core_env: CoreEnv) -> None:
 
 def test_resolve(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
-    deployed(e, "d2", "2.0.0")
+    e.deployed("d1", "1.0.0")
+    e.deployed("d2", "2.0.0")
     assert resolve(e.store, "d1").deployment_id == "d1"
     assert resolve(e.store, AGENT).deployment_id == "d2"  # the current one
     e.actions.remove("d2", purge=False)
@@ -142,7 +134,7 @@ def test_resolve(core_env: CoreEnv) -> None:
 
 def test_remove_stops_and_forgets_but_keeps_files(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     files = e.files()
     out = e.actions.remove(AGENT, purge=False)
     assert out == {"deleted": "d1", "agentAppId": AGENT, "purged": [], "alreadyRemoved": False}
@@ -160,8 +152,8 @@ def test_remove_stops_and_forgets_but_keeps_files(core_env: CoreEnv) -> None:
 
 def test_remove_purge_deletes_files_no_other_deployment_uses(core_env: CoreEnv) -> None:
     e = core_env
-    d1 = deployed(e, "d1", "1.0.0")
-    d2 = deployed(e, "d2", "2.0.0")  # same requirements: same venv
+    d1 = e.deployed("d1", "1.0.0")
+    d2 = e.deployed("d2", "2.0.0")  # same requirements: same venv
     assert d1.venv == d2.venv and d1.package_digest != d2.package_digest
     v1_package, v1_extraction = layout.deployment_files(e.cfg, AGENT, "1.0.0",
                                                         d1.package_digest)
@@ -192,7 +184,7 @@ def test_remove_purge_keeps_files_another_deployment_uses(core_env: CoreEnv) -> 
 def test_resolve_refuses_an_id_that_names_two_agents(core_env: CoreEnv) -> None:
     """Attack 12: a deploymentId equal to another agent's agentAppId stopped the wrong one."""
     e = core_env
-    deployed(e, "d1")
+    e.deployed("d1")
     # agent "victim" is deployed with deploymentId "agent-x"; an agent "agent-x" exists too,
     # recorded before deploys refused the overlap (an old store)
     e.deploy("agent-x", e.package("p-v"), agent="victim")
@@ -242,7 +234,7 @@ def test_env_set_replaces_the_deployment_with_the_same_package_and_venv(
 
 def test_env_set_without_restart_changes_the_next_start_only(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     pid = e.fake.status("par-agent@agent-a.service").main_pid
     status, answer = e.actions.set_env("d1", {"LATER": "x"}, [], False)
     assert status == 200 and answer["restart"] == "pending"
@@ -254,7 +246,7 @@ def test_env_set_without_restart_changes_the_next_start_only(core_env: CoreEnv) 
 
 def test_env_set_refuses_what_a_deploy_refuses(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed()
     for values, field in (({"LD_PRELOAD": "/x.so"}, "env.LD_PRELOAD"), ({"1BAD": "x"}, "env")):
         with pytest.raises(ParError) as info:
             e.actions.set_env(AGENT, values, [], True)
@@ -270,7 +262,7 @@ def test_an_action_waiting_for_the_lock_acts_on_the_record_as_it_is_then(
     import time
 
     e = core_env
-    deployed(e)
+    e.deployed()
     outcome: list[object] = []
     with e.locks.of(AGENT):  # the removal holds the lock ...
         waiter = threading.Thread(target=lambda: outcome.append(_try(e, "restart")))

@@ -18,12 +18,6 @@ AGENT = "agent-a"
 UNIT = "par-agent@agent-a.service"
 
 
-def deployed(e: CoreEnv, did: str = "d1", version: str = "1.0.0") -> Deployment:
-    d = e.deploy(did, e.package(f"p-{version}", version), version=version)
-    assert d.status == "healthy"
-    return d
-
-
 def interrupted(e: CoreEnv, did: str, phase: str, version: str = "2.0.0") -> AgentLaunch | None:
     """A deploy of AGENT that pard was running when it died, in `phase` (pending,
     downloading, loading, starting): its store record and files as the Deployer leaves
@@ -64,7 +58,7 @@ def interrupted(e: CoreEnv, did: str, phase: str, version: str = "2.0.0") -> Age
 
 def test_active_unit_is_adopted_without_a_restart(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     pid = e.fake.status(UNIT).main_pid
     report = e.restart_pard()
     assert (report.adopted, report.restarted, report.failed, report.interrupted,
@@ -76,7 +70,7 @@ def test_active_unit_is_adopted_without_a_restart(core_env: CoreEnv) -> None:
 
 def test_unit_gone_after_a_reboot_is_recreated_on_its_ports(core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed(clear_calls=False)
     e.fake.vanish()
     report = e.restart_pard()
     assert (report.adopted, report.restarted) == ([], [AGENT])
@@ -92,7 +86,7 @@ def test_unit_gone_after_a_reboot_is_recreated_on_its_ports(core_env: CoreEnv) -
 
 def test_failed_unit_is_reset_and_restarted(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     assert e.fake.crash(AGENT, ("exit", 3)).active_state == "failed"
     report = e.restart_pard()
     assert report.restarted == [AGENT]
@@ -103,7 +97,7 @@ def test_failed_unit_is_reset_and_restarted(core_env: CoreEnv) -> None:
 
 def test_unit_that_cannot_start_again_fails_with_the_reason(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     e.fake.vanish()
     e.fake.script(AGENT, ("exit", 3), says=("ImportError: gone",))
     report = e.restart_pard()
@@ -118,7 +112,7 @@ def test_unit_that_cannot_start_again_fails_with_the_reason(core_env: CoreEnv) -
 
 def test_stopped_deployment_stays_stopped(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     e.actions.act(AGENT, "stop")
     report = e.restart_pard()
     assert (report.adopted, report.restarted, report.unknown_units) == ([], [], [])
@@ -127,7 +121,7 @@ def test_stopped_deployment_stays_stopped(core_env: CoreEnv) -> None:
 
 def test_unknown_units_are_reported_never_stopped(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     stray = unit_spec(e.cfg, AgentLaunch(
         agent_id="stray", deployment_id="x1", org_id="o", name="n", version="1",
         package_root=e.tmp, venv_path=e.tmp, ports={}, entrypoint="m:f", rest_entry=None,
@@ -144,7 +138,7 @@ def test_unknown_units_are_reported_never_stopped(core_env: CoreEnv) -> None:
 
 def test_deploy_interrupted_before_starting_fails(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
+    e.deployed("d1", "1.0.0", clear_calls=False)
     for did, phase in (("p1", "pending"), ("p2", "downloading"), ("p3", "loading")):
         assert interrupted(e, did, phase) is None
     report = e.restart_pard()
@@ -160,7 +154,7 @@ def test_deploy_interrupted_before_starting_fails(core_env: CoreEnv) -> None:
 
 def test_deploy_interrupted_after_its_unit_came_up_is_finished(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
+    e.deployed("d1", "1.0.0", clear_calls=False)
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
     pipeline.start(e.core, launch)  # READY; pard died before recording it
@@ -188,7 +182,7 @@ def test_first_deploy_interrupted_after_its_unit_came_up_is_finished(core_env: C
 def test_half_started_deploy_is_stopped_and_the_previous_brought_back(
         core_env: CoreEnv) -> None:
     e = core_env
-    d1 = deployed(e, "d1", "1.0.0")
+    d1 = e.deployed("d1", "1.0.0", clear_calls=False)
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
     _start_unit(e, launch)  # still activating when pard died
@@ -206,7 +200,7 @@ def test_half_started_deploy_is_stopped_and_the_previous_brought_back(
 
 def test_deploy_whose_new_unit_failed_is_cleaned_up(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
+    e.deployed("d1", "1.0.0", clear_calls=False)
     launch = interrupted(e, "d2", "starting")
     assert launch is not None
     e.fake.script(AGENT, ("exit", 3))
@@ -221,7 +215,7 @@ def test_deploy_whose_new_unit_failed_is_cleaned_up(core_env: CoreEnv) -> None:
 
 def test_deploy_interrupted_before_the_previous_was_stopped(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e, "d1", "1.0.0")
+    e.deployed("d1", "1.0.0", clear_calls=False)
     e.store.insert_deployment(Deployment(deployment_id="d2", agent_app_id=AGENT,
                                          version="2.0.0", package_url="file:///x"))
     e.store.start_phase("d2", "starting", "starting")
@@ -233,7 +227,7 @@ def test_deploy_interrupted_before_the_previous_was_stopped(core_env: CoreEnv) -
 
 def test_interrupted_stop_is_recorded_stopped(core_env: CoreEnv) -> None:
     e = core_env
-    deployed(e)
+    e.deployed(clear_calls=False)
     e.store.update("d1", desired_state="stopped", status="stopping")
     e.core.systemd.stop(UNIT, 40)  # the stop job systemd had queued finishes anyway
     report = e.restart_pard()
@@ -246,7 +240,7 @@ def test_interrupted_stop_is_recorded_stopped(core_env: CoreEnv) -> None:
 def test_agent_moves_to_its_own_address_when_isolation_is_turned_on(
         core_env: CoreEnv) -> None:
     e = core_env
-    d = deployed(e)
+    d = e.deployed(clear_calls=False)
     unit = e.fake.unit(AGENT)
     assert unit is not None and unit.spec.environment["PAR_BIND_ADDRESS"] == "127.0.0.1"
     isolated = dataclasses.replace(e.cfg, agents=dataclasses.replace(
